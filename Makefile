@@ -1,0 +1,33 @@
+# Two commands matter: `make demo` and `make test`. Both install first (idempotent).
+PY ?= python3.11
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+UV_VERSION := 0.9.5
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo lock clean
+
+install: $(STAMP)
+
+# Installs exactly the pinned lock (no resolution, so no backtracking), then this repo in editable mode.
+$(STAMP): requirements/lock.txt requirements/nodeps.txt setup.py
+	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	@$(PYTHON) -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
+	$(UV) pip install -q --python $(PYTHON) --no-deps -r requirements/lock.txt
+	$(UV) pip install -q --python $(PYTHON) --no-deps -r requirements/nodeps.txt
+	$(UV) pip install -q --python $(PYTHON) --no-deps -e .
+	@touch $@
+
+# Re-pin every package after editing requirements/requirements.in.
+lock: install
+	$(UV) pip compile -q --python-version 3.11 requirements/requirements.in -o requirements/lock.txt
+
+test: install
+	$(PYTHON) -m pytest tests
+
+demo: install
+	$(PYTHON) scripts/demo.py
+
+clean:
+	rm -rf $(VENV) outputs data

@@ -1,0 +1,181 @@
+"""The training config: YAML + dotted overrides, checked against a typed schema before anything is built.
+
+``composer run.py yamls/X.yaml model.backbone.preset=mini-s max_duration=10ba``
+
+* ``variables:`` holds shared values; use them as ``${variables.name}`` anywhere (resolved, then dropped).
+* Top-level keys are the fields of :class:`TrainConfig`: an unknown key, a missing required key or a value of
+  the wrong type is a :class:`ConfigError` that names the key and lists the allowed keys.
+* Component blocks (``model``, ``train_loader``, ``optimizer``, ...) are ``name: <registered name>`` plus the
+  constructor's keyword arguments; they are checked against the registry and the constructor's signature when
+  built (see :func:`diffusion.registry.build`). ``algorithms``, ``callbacks`` and ``loggers`` are mappings as in
+  llm-foundry: the key is the registered name (or any label, with ``name:`` inside the block).
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+__all__ = ['ConfigError', 'TrainConfig', 'load_config', 'to_container']
+
+
+class ConfigError(ValueError):
+    """The config does not match the schema; the message names the key and what is allowed."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``run.py`` accepts at the top level of a YAML (see ``yamls/tiny-cpu.yaml``)."""
+    # What to train, on what, with what (required).
+    model: dict[str, Any]
+    train_loader: dict[str, Any]
+    optimizer: dict[str, Any]
+    max_duration: str
+    global_train_batch_size: int
+    # Optional components.
+    eval_loader: Optional[dict[str, Any]] = None
+    scheduler: Optional[dict[str, Any]] = None
+    algorithms: dict[str, Any] = field(default_factory=dict)
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    loggers: dict[str, Any] = field(default_factory=dict)
+    # Run identity and reproducibility.
+    run_name: Optional[str] = None
+    seed: int = 17
+    # Batching, evaluation.
+    device_train_microbatch_size: Optional[Any] = None  # int, or 'auto' on GPU; None = whole device batch
+    device_eval_batch_size: Optional[int] = None
+    eval_interval: str = '1ep'
+    eval_first: bool = False
+    eval_subset_num_batches: int = -1
+    # Hardware and numerics.
+    device: Optional[str] = None  # 'cpu' | 'gpu' | None (auto)
+    precision: str = 'fp32'  # 'fp32' | 'amp_bf16' | 'amp_fp16' (GPU only)
+    fsdp_config: Optional[dict[str, Any]] = None  # composer FSDP; needs CUDA
+    dist_timeout: float = 600.0
+    # Checkpoints.
+    save_folder: Optional[str] = None
+    save_interval: str = '1ep'
+    save_num_checkpoints_to_keep: int = -1
+    save_overwrite: bool = False
+    save_weights_only: bool = False
+    load_path: Optional[str] = None
+    load_weights_only: bool = False
+    load_strict_model_weights: bool = True
+    autoresume: bool = False
+    # Logging.
+    console_log_interval: str = '10ba'
+    log_to_console: bool = True
+    progress_bar: bool = False
+    python_log_level: Optional[str] = 'info'
+    # Shared values for interpolation (removed after resolution).
+    variables: dict[str, Any] = field(default_factory=dict)
+
+
+_PY_TYPES = {int: 'int', float: 'float', str: 'str', bool: 'bool'}
+
+
+def _describe(tp: Any) -> str:
+    return getattr(tp, '__name__', None) or str(tp).replace('typing.', '')
+
+
+def _check_type(key: str, value: Any, tp: Any) -> None:
+    """Strict, readable type check for the scalar and mapping fields of :class:`TrainConfig`."""
+    origin = getattr(tp, '__origin__', None)
+    if origin is Union:
+        args = [a for a in tp.__args__ if a is not type(None)]
+        if value is None:
+            return
+        tp, origin = (args[0], getattr(args[0], '__origin__', None)) if len(args) == 1 else (Any, None)
+    if tp is Any:
+        return
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f'config key `{key}` must be a mapping (a YAML block), got {type(value).__name__}: '
+                              f'{value!r}')
+        return
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f'config key `{key}` must be of type {_describe(tp)}, got {type(value).__name__}: {value!r}')
+
+
+def _merge(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    for item in overrides:
+        if '=' not in item:
+            raise ConfigError(f'override {item!r} is not of the form key.path=value')
+    try:
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f'bad override: {err}') from err
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    """Resolve interpolations (``${variables.x}``) into a plain dict."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise ConfigError(f'could not resolve an interpolation: {err}') from err
+
+
+def validate(raw: dict[str, Any]) -> TrainConfig:
+    """Check a plain dict against :class:`TrainConfig` and build it.
+
+    Raises:
+        ConfigError: Naming the unknown, missing or ill-typed key and the allowed keys.
+    """
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        component_keys = ('model', 'train_loader', 'eval_loader', 'optimizer', 'scheduler')
+        hint = (f' If it is an argument of a component, put it inside that component\'s block '
+                f'({", ".join(component_keys)}, algorithms.<name>, callbacks.<name>, loggers.<name>).')
+        raise ConfigError(f'unknown top-level config key(s) {unknown}. Allowed keys: {sorted(fields)}.{hint}')
+    required = [n for n, f in fields.items()
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]  # type: ignore
+    missing = [n for n in required if raw.get(n) is None]
+    if missing:
+        raise ConfigError(f'missing required config key(s) {missing}. Required keys: {required}.')
+    hints = typing.get_type_hints(TrainConfig)
+    for name, value in raw.items():
+        _check_type(name, value, hints[name])
+    for name in ('model', 'train_loader', 'optimizer', 'eval_loader', 'scheduler'):
+        block = raw.get(name)
+        if block is not None and 'name' not in block:
+            raise ConfigError(f'config block `{name}` needs a `name:` key naming a registered component.')
+    for name in ('algorithms', 'callbacks', 'loggers'):
+        for label, block in (raw.get(name) or {}).items():
+            if block is not None and not isinstance(block, dict):
+                raise ConfigError(f'`{name}.{label}` must be a mapping of keyword arguments (or empty), got '
+                                  f'{type(block).__name__}: {block!r}')
+    return TrainConfig(**raw)
+
+
+def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = (),
+                base: Optional[dict[str, Any]] = None) -> TrainConfig:
+    """Load a YAML file (or ``base`` dict), apply ``key.path=value`` overrides, resolve, validate.
+
+    Args:
+        path: The YAML file.
+        overrides: Dotted overrides, e.g. ``['max_duration=5ba', 'model.backbone.preset=mini-s']``.
+        base: A dict to use instead of a file (tests).
+
+    Returns:
+        The validated :class:`TrainConfig`.
+    """
+    if (path is None) == (base is None):
+        raise ValueError('give exactly one of path or base')
+    try:
+        cfg = OmegaConf.load(path) if path is not None else OmegaConf.create(base)
+    except (OSError, OmegaConfBaseException) as err:
+        raise ConfigError(f'could not read config {path}: {err}') from err
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f'config {path} must be a YAML mapping at the top level')
+    cfg = _merge(cfg, overrides)
+    raw = to_container(cfg)
+    raw.pop('variables', None)
+    return validate(raw)

@@ -1,0 +1,271 @@
+"""``LatentDiffusion``: one ComposerModel for every backbone.
+
+A frozen autoencoder maps images to latents, a frozen text encoder maps captions to per-token states, and a
+trainable backbone (a diffusers UNet, or a transformer) learns to denoise. The noise schedule object owns all
+the diffusion maths (noising, targets, loss weights, samplers; see ``diffusion/schedules.py``); this class only
+moves tensors between the parts. Batches come from ``diffusion/data/dataset.py`` in one of two modes:
+
+* pixels: ``image`` (B,3,H,W) in [-1,1] and ``caption`` (list of str) -> encoded here, online;
+* precomputed: ``latents`` (RAW, unscaled VAE means), ``text_hidden``, ``text_mask`` [, ``text_pooled``].
+
+Latent scaling is applied in exactly one place (:meth:`LatentDiffusion.scale`): raw latents times
+``scaling_factor`` before noising, divided before decoding.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from composer.models import ComposerModel
+from torch import nn
+from torchmetrics import MeanMetric, Metric
+
+from diffusion import registry
+from diffusion.samplers import guidance, sample
+
+log = logging.getLogger(__name__)
+
+__all__ = ['LatentDiffusion', 'build_latent_diffusion']
+
+TEXT_KEYS = ('text_hidden', 'text_mask', 'text_pooled')
+
+
+class LatentDiffusion(ComposerModel):
+    """Latent diffusion for text-to-image.
+
+    Args:
+        backbone: Denoiser with ``forward(x, t, *, text_hidden, text_mask=None, text_pooled=None,
+            time_ids=None)`` (see ``diffusion/models/unet.py``).
+        noise_schedule: A schedule from ``diffusion.registry.noise_schedules``.
+        autoencoder: Frozen :class:`~diffusion.models.autoencoders.Autoencoder`; optional when training only on
+            precomputed latents (then ``generate`` cannot decode).
+        text_encoder: Frozen :class:`~diffusion.models.text_encoders.TextEncoder`; optional with precomputed
+            text states (then ``empty_caption_path`` is needed for caption dropout, and ``generate`` needs it).
+        scaling_factor: Latent scale; defaults to the autoencoder's.
+        use_text_mask: Pass the padding mask to cross-attention (right for BERT-style encoders; SD's CLIP
+            encoders are used without one).
+        use_time_ids: Pass SDXL micro-conditioning (original size, crop, target size) to the backbone.
+        empty_caption_path: ``empty_caption.safetensors`` written by ``convert/precompute_latents.py``: the
+            text states of the empty caption, used for rows the dataloader dropped (classifier-free guidance).
+        eval_seed: Seed of the fixed noise and timesteps used for validation loss, so evaluations compare.
+    """
+
+    def __init__(self, backbone: nn.Module, noise_schedule: Any, autoencoder: Optional[nn.Module] = None,
+                 text_encoder: Optional[nn.Module] = None, scaling_factor: Optional[float] = None,
+                 use_text_mask: bool = False, use_time_ids: bool = False,
+                 empty_caption_path: Optional[str] = None, eval_seed: int = 1234) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.autoencoder = autoencoder
+        self.text_encoder = text_encoder
+        self.noise_schedule = noise_schedule
+        if scaling_factor is None:
+            if autoencoder is None:
+                raise ValueError('scaling_factor is required when no autoencoder is given')
+            scaling_factor = autoencoder.scaling_factor
+        self.scaling_factor = float(scaling_factor)
+        self.use_text_mask = use_text_mask
+        self.use_time_ids = use_time_ids
+        self.eval_seed = eval_seed
+        self._empty_text: Optional[dict[str, torch.Tensor]] = None
+        if empty_caption_path is not None:
+            from safetensors.torch import load_file
+            self._empty_text = load_file(str(Path(empty_caption_path)))
+        self.val_loss = MeanMetric()
+
+    # ------------------------------------------------------------------ parts of a step
+    def scale(self, raw_latents: torch.Tensor) -> torch.Tensor:
+        """Raw autoencoder latents -> diffusion space (the only place the scale is applied)."""
+        return raw_latents * self.scaling_factor
+
+    def unscale(self, latents: torch.Tensor) -> torch.Tensor:
+        """Diffusion space -> raw autoencoder latents."""
+        return latents / self.scaling_factor
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1,1] -> scaled latents."""
+        if self.autoencoder is None:
+            raise RuntimeError('this model has no autoencoder: feed precomputed `latents`')
+        return self.scale(self.autoencoder.encode(images))
+
+    def encode_text(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Captions -> text conditioning dict (``text_hidden``, ``text_mask``[, ``text_pooled``])."""
+        if self.text_encoder is None:
+            raise RuntimeError('this model has no text encoder: feed precomputed `text_hidden`')
+        return self.text_encoder(list(captions))
+
+    def empty_text(self, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """Text conditioning of the empty caption, repeated ``batch_size`` times."""
+        if self._empty_text is None:
+            if self.text_encoder is None:
+                raise RuntimeError('caption dropout on precomputed text needs `empty_caption_path` '
+                                   '(written by convert/precompute_latents.py) or a text encoder')
+            self._empty_text = {k: v[0] for k, v in self.encode_text(['']).items()}
+        return {k: v.to(device).unsqueeze(0).expand(batch_size, *v.shape) for k, v in self._empty_text.items()}
+
+    def batch_latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        if 'latents' in batch:
+            return self.scale(batch['latents'].float())
+        return self.encode_images(batch['image'])
+
+    def batch_conditioning(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Text (+ micro-conditioning) for the backbone, with dropped captions replaced by the empty one."""
+        if 'text_hidden' in batch:
+            cond = {k: batch[k].float() if k != 'text_mask' else batch[k] for k in TEXT_KEYS if k in batch}
+            dropped = batch.get('caption_dropped')
+            if dropped is not None and bool(dropped.any()):
+                empty = self.empty_text(len(dropped), cond['text_hidden'].device)
+                keep = ~dropped.bool()
+                for key in cond:
+                    shape = (-1,) + (1,) * (cond[key].dim() - 1)
+                    cond[key] = torch.where(keep.view(shape), cond[key], empty[key].to(cond[key].dtype))
+        else:
+            cond = self.encode_text(batch['caption'])
+        return self._backbone_kwargs(cond, batch)
+
+    def _backbone_kwargs(self, cond: dict[str, torch.Tensor], batch: Optional[dict[str, Any]] = None,
+                         size: Optional[tuple[int, int]] = None) -> dict[str, torch.Tensor]:
+        kwargs = {'text_hidden': cond['text_hidden']}
+        if self.use_text_mask:
+            kwargs['text_mask'] = cond['text_mask']
+        if 'text_pooled' in cond:
+            kwargs['text_pooled'] = cond['text_pooled']
+        if self.use_time_ids:
+            n = cond['text_hidden'].shape[0]
+            if batch is not None and 'original_size' in batch:
+                time_ids = torch.cat([batch['original_size'], batch['crop_top_left'], batch['target_size']], dim=1)
+            else:  # generation: the image is the whole, uncropped picture at the target size
+                h, w = size if size is not None else (0, 0)
+                time_ids = torch.tensor([[h, w, 0, 0, h, w]]).expand(n, 6)
+            kwargs['time_ids'] = time_ids.to(cond['text_hidden'].device, torch.float32)  # (B, 6)
+        return kwargs
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Raw backbone output for noisy latents ``x_t`` at times ``t``."""
+        x_in, t_in = self.noise_schedule.network_inputs(x_t, t)
+        return self.backbone(x_in, t_in, **cond)
+
+    # ------------------------------------------------------------------ composer interface
+    def _diffusion_step(self, batch: dict[str, Any], generator: Optional[torch.Generator] = None):
+        latents = self.batch_latents(batch)  # (B, C, h, w), scaled
+        cond = self.batch_conditioning(batch)
+        sched = self.noise_schedule
+        t = sched.sample_times(latents.shape[0], device=latents.device, generator=generator)
+        noise = sched.noise_like(latents, generator=generator)
+        x_t = sched.add_noise(latents, noise, t)
+        pred = self.denoise(x_t, t, cond)
+        target = sched.training_target(latents, noise, x_t, t)
+        return pred, target, sched.loss_weight(t).to(pred.dtype)
+
+    def forward(self, batch: dict[str, Any]):
+        return self._diffusion_step(batch)
+
+    def loss(self, outputs: Any, batch: Any) -> torch.Tensor:
+        pred, target, weight = outputs
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction='none').mean(dim=(1, 2, 3))  # (B,)
+        return (per_sample * weight.float()).mean()
+
+    def eval_forward(self, batch: dict[str, Any], outputs: Optional[Any] = None) -> Any:
+        # Validation loss on fixed noise and timesteps: the same batch always gives the same number.
+        device = next(self.backbone.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(self.eval_seed)
+        with torch.no_grad():
+            return self._diffusion_step(batch, generator=generator)
+
+    def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
+        return {} if is_train else {'ValidationLoss': self.val_loss}
+
+    def update_metric(self, batch: Any, outputs: Any, metric: Metric) -> None:
+        metric.update(self.loss(outputs, batch))
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], negative_prompts: Optional[Sequence[str]] = None,
+                 height: Optional[int] = None, width: Optional[int] = None, num_inference_steps: int = 50,
+                 guidance_scale: float = 7.5, guidance_rescale: float = 0.0, sampler: str = 'ddim',
+                 seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 latents: Optional[torch.Tensor] = None, output_type: str = 'pt',
+                 progress_bar: bool = False) -> Union[torch.Tensor, list]:
+        """Text-to-image with classifier-free guidance.
+
+        Args:
+            prompts: One prompt per image.
+            negative_prompts: Replace the empty caption as the unconditional branch.
+            height: Image height in pixels (default: the backbone's sample size times the VAE factor).
+            width: Image width in pixels.
+            num_inference_steps: Sampler steps.
+            guidance_scale: CFG scale; 1 disables the unconditional branch.
+            guidance_rescale: Guidance rescale (Lin et al. 2023), 0 disables.
+            sampler: A sampler name the noise schedule knows (``ddim``, ``euler``, ``heun``, ``dpmpp_2m``...).
+            seed: Seed for the initial noise (ignored when ``generator`` is given).
+            generator: Random generator for the initial noise and stochastic samplers.
+            latents: Initial noise (B, C, h, w), overrides the generator.
+            output_type: ``'pt'`` for a (B,3,H,W) tensor in [0,1], ``'pil'`` for PIL images, ``'latent'``.
+            progress_bar: Show a tqdm bar over steps.
+        """
+        if self.autoencoder is None and output_type != 'latent':
+            raise RuntimeError('generate() needs the autoencoder to decode images')
+        device = next(self.backbone.parameters()).device
+        n = len(prompts)
+        factor = self.autoencoder.downsample_factor if self.autoencoder is not None else 8
+        channels = self.autoencoder.latent_channels if self.autoencoder is not None else 4
+        default = int(getattr(self.backbone, 'sample_size', 32)) * factor  # backbone's latent size
+        height, width = height or default, width or default
+        if generator is None:
+            generator = torch.Generator(device=device).manual_seed(seed if seed is not None else 0)
+        cond = self._backbone_kwargs(self.encode_text(prompts), size=(height, width))
+        do_cfg = guidance_scale != 1.0
+        if do_cfg:
+            uncond_text = self.encode_text(negative_prompts) if negative_prompts is not None \
+                else self.empty_text(n, device)
+            uncond = self._backbone_kwargs(uncond_text, size=(height, width))
+            cond = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+
+        def denoise_fn(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if not do_cfg:
+                return self.backbone(x_in, t.expand(x_in.shape[0]).to(device), **cond)
+            out = self.backbone(torch.cat([x_in, x_in]), t.expand(2 * x_in.shape[0]).to(device), **cond)
+            out_uncond, out_cond = out.chunk(2)
+            return guidance(out_uncond, out_cond, guidance_scale, guidance_rescale)
+
+        scheduler = self.noise_schedule.make_scheduler(sampler)
+        shape = (n, channels, height // factor, width // factor)
+        out = sample(denoise_fn, scheduler, shape, num_steps=num_inference_steps, generator=generator,
+                     device=device, dtype=torch.float32, init_noise=latents, progress=progress_bar)
+        if output_type == 'latent':
+            return out
+        images = ((self.autoencoder.decode(self.unscale(out)).float() + 1) / 2).clamp(0, 1)  # (B, 3, H, W)
+        if output_type == 'pil':
+            from PIL import Image
+            arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype('uint8')
+            return [Image.fromarray(a) for a in arr]
+        return images
+
+
+@registry.models.register('latent_diffusion')
+def build_latent_diffusion(backbone: dict[str, Any], noise_schedule: dict[str, Any],
+                           autoencoder: Optional[dict[str, Any]] = None,
+                           text_encoder: Optional[dict[str, Any]] = None, **kwargs: Any) -> LatentDiffusion:
+    """Build a :class:`LatentDiffusion` from YAML blocks.
+
+    The backbone's ``cross_attention_dim`` (and the SDXL pooled width) default to the text encoder's widths,
+    and its ``in_channels``/``out_channels`` to the autoencoder's latent channels, so a config names each
+    part once.
+    """
+    ae = registry.build(registry.autoencoders, autoencoder, 'model.autoencoder') if autoencoder else None
+    te = registry.build(registry.text_encoders, text_encoder, 'model.text_encoder') if text_encoder else None
+    backbone = dict(backbone)
+    # Backbone builders take these widths by the same names (diffusers' UNet names).
+    if te is not None:
+        backbone.setdefault('cross_attention_dim', te.hidden_dim)
+        if te.pooled_dim:
+            backbone.setdefault('pooled_text_dim', te.pooled_dim)
+    if ae is not None:
+        backbone.setdefault('in_channels', ae.latent_channels)
+        backbone.setdefault('out_channels', ae.latent_channels)
+    net = registry.build(registry.backbones, backbone, 'model.backbone')
+    schedule = registry.build(registry.noise_schedules, noise_schedule, 'model.noise_schedule')
+    return LatentDiffusion(net, schedule, autoencoder=ae, text_encoder=te, **kwargs)

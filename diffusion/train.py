@@ -1,0 +1,183 @@
+"""Turn a validated config into a ``composer.Trainer`` (and run it).
+
+The Trainer is the training loop: everything specific to diffusion lives in the model, the data, the
+algorithms and the callbacks that the config names. ``run.py`` calls :func:`main`.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+import torch
+
+from diffusion import registry
+from diffusion.config import ConfigError, TrainConfig, load_config
+
+log = logging.getLogger(__name__)
+
+__all__ = ['import_components', 'build_components', 'build_trainer', 'train', 'main']
+
+# Modules whose import registers components by name. Listed once, here.
+COMPONENT_MODULES = (
+    'diffusion.schedules',
+    'diffusion.models',
+    'diffusion.data.dataset',
+    'diffusion.callbacks',
+)
+
+
+def import_components() -> None:
+    """Import every module that registers a model, backbone, schedule, dataloader or callback."""
+    for module in COMPONENT_MODULES:
+        importlib.import_module(module)
+
+
+def _build_mapping(reg: Any, blocks: dict[str, Any], where: str) -> list[Any]:
+    """Build ``{label: {kwargs}}`` blocks (llm-foundry style); ``name:`` inside a block overrides the label."""
+    built = []
+    for label, kwargs in (blocks or {}).items():
+        kwargs = dict(kwargs or {})
+        kwargs.setdefault('name', label)
+        built.append(registry.build(reg, kwargs, f'{where}.{label}'))
+    return built
+
+
+def _device_batch_size(cfg: TrainConfig, world_size: int) -> int:
+    if cfg.global_train_batch_size % world_size:
+        raise ConfigError(f'global_train_batch_size={cfg.global_train_batch_size} is not divisible by the '
+                          f'number of processes ({world_size})')
+    return cfg.global_train_batch_size // world_size
+
+
+def _check_hardware(cfg: TrainConfig) -> str:
+    device = cfg.device or ('gpu' if torch.cuda.is_available() else 'cpu')
+    if device == 'gpu' and not torch.cuda.is_available():
+        raise ConfigError('device: gpu was asked for, but no CUDA device is visible')
+    if device == 'cpu' and cfg.precision != 'fp32':
+        raise ConfigError(f'precision: {cfg.precision} needs a GPU; Composer trains on CPU in fp32 only '
+                          '(override with precision=fp32)')
+    if cfg.fsdp_config is not None and not torch.cuda.is_available():
+        raise ConfigError('fsdp_config: composer FSDP needs CUDA GPUs with NCCL; it cannot run on this machine. '
+                          'Set fsdp_config=null to train with DDP (gloo on CPU).')
+    return device
+
+
+def build_components(cfg: TrainConfig, device_batch_size: int = 1) -> dict[str, Any]:
+    """Build model, dataloaders, optimizer, scheduler, algorithms, callbacks and loggers from a config.
+
+    Separate from :func:`build_trainer` so tests can build every YAML (at tiny size) without training.
+    """
+    import_components()
+    for block, key in ((cfg.train_loader, 'train_loader'), (cfg.eval_loader or {}, 'eval_loader')):
+        if 'batch_size' in block:
+            raise ConfigError(f'{key}.batch_size: set global_train_batch_size (train) or device_eval_batch_size '
+                              '(eval) at the top level instead')
+    model = registry.build(registry.models, cfg.model, 'model')
+    train_dl = registry.build(registry.dataloaders, cfg.train_loader, 'train_loader', batch_size=device_batch_size)
+    eval_dl = None
+    if cfg.eval_loader is not None:
+        eval_dl = registry.build(registry.dataloaders, cfg.eval_loader, 'eval_loader',
+                                 batch_size=cfg.device_eval_batch_size or device_batch_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if hasattr(model, 'param_groups'):  # e.g. MoE experts at a different learning rate
+        params = model.param_groups(cfg.optimizer)
+    optimizer = registry.build(registry.optimizers, cfg.optimizer, 'optimizer', params=params)
+    scheduler = registry.build(registry.schedulers, cfg.scheduler, 'scheduler') if cfg.scheduler else None
+    return {
+        'model': model,
+        'train_dataloader': train_dl,
+        'eval_dataloader': eval_dl,
+        'optimizers': optimizer,
+        'schedulers': scheduler,
+        'algorithms': _build_mapping(registry.algorithms, cfg.algorithms, 'algorithms'),
+        'callbacks': _build_mapping(registry.callbacks, cfg.callbacks, 'callbacks'),
+        'loggers': _build_mapping(registry.loggers, cfg.loggers, 'loggers'),
+    }
+
+
+def build_trainer(cfg: TrainConfig) -> Any:
+    """Build the ``composer.Trainer`` a config describes (initialising torch.distributed when launched)."""
+    from composer import Trainer
+    from composer.utils import dist, get_device, reproducibility
+
+    device = _check_hardware(cfg)
+    reproducibility.seed_all(cfg.seed)
+    if dist.get_world_size() > 1 and not dist.is_initialized():
+        dist.initialize_dist(get_device(device), timeout=cfg.dist_timeout)
+    parts = build_components(cfg, _device_batch_size(cfg, dist.get_world_size()))
+    parallelism = {'fsdp': dict(cfg.fsdp_config)} if cfg.fsdp_config is not None else None
+    return Trainer(
+        **parts,
+        run_name=cfg.run_name,
+        seed=cfg.seed,
+        max_duration=cfg.max_duration,
+        eval_interval=cfg.eval_interval if parts['eval_dataloader'] is not None else 1,
+        eval_subset_num_batches=cfg.eval_subset_num_batches,
+        device=device,
+        precision=cfg.precision,
+        device_train_microbatch_size=cfg.device_train_microbatch_size,
+        parallelism_config=parallelism,
+        dist_timeout=cfg.dist_timeout,
+        save_folder=cfg.save_folder,
+        save_interval=cfg.save_interval,
+        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
+        save_overwrite=cfg.save_overwrite,
+        save_weights_only=cfg.save_weights_only,
+        load_path=cfg.load_path,
+        load_weights_only=cfg.load_weights_only,
+        load_strict_model_weights=cfg.load_strict_model_weights,
+        autoresume=cfg.autoresume,
+        console_log_interval=cfg.console_log_interval,
+        log_to_console=cfg.log_to_console,
+        progress_bar=cfg.progress_bar,
+        python_log_level=cfg.python_log_level,
+        step_schedulers_every_batch=True,
+    )
+
+
+def _summary(trainer: Any, seconds: float) -> str:
+    state = trainer.state
+    lines = [f'run {state.run_name}: {int(state.timestamp.batch)} batches, {int(state.timestamp.sample)} samples, '
+             f'{int(state.timestamp.epoch)} epochs in {seconds:.1f} s']
+    loss = state.loss
+    if isinstance(loss, torch.Tensor):
+        lines.append(f'  last train loss: {loss.item():.4f}')
+    for label, metrics in state.eval_metrics.items():
+        for name, metric in metrics.items():
+            try:
+                lines.append(f'  eval {label}/{name}: {float(metric.compute()):.4f}')
+            except (RuntimeError, ValueError):  # metric never updated
+                pass
+    if trainer.saved_checkpoints:
+        lines.append(f'  last checkpoint: {trainer.saved_checkpoints[-1]}')
+    return '\n'.join(lines)
+
+
+def train(cfg: TrainConfig) -> Any:
+    """Build the trainer, fit, print a summary; returns the trainer."""
+    start = time.time()
+    trainer = build_trainer(cfg)
+    trainer.fit()
+    from composer.utils import dist
+    if dist.get_global_rank() == 0:
+        print(_summary(trainer, time.time() - start), flush=True)
+    return trainer
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``run.py YAML [key.path=value ...]``: exit status 2 with a readable message on a config error."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ('-h', '--help'):
+        print('usage: composer run.py yamls/CONFIG.yaml [key.path=value ...]')
+        return 0 if argv else 2
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+    try:
+        cfg = load_config(argv[0], argv[1:])
+        train(cfg)
+    except (ConfigError, registry.UnknownComponentError) as err:
+        print(f'config error: {err}', file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,91 @@
+"""Config loading and validation, and registry lookups of composer / llm-foundry components."""
+import pytest
+
+from diffusion import registry
+from diffusion.config import ConfigError, load_config
+
+BASE = {
+    'variables': {'lr': 0.5},
+    'model': {'name': 'latent_diffusion', 'backbone': {'name': 'unet'}},
+    'train_loader': {'name': 'image_caption', 'local': 'x'},
+    'optimizer': {'name': 'decoupled_adamw', 'lr': '${variables.lr}'},
+    'max_duration': '2ba',
+    'global_train_batch_size': 4,
+}
+
+
+def test_valid_config_with_variables_and_overrides():
+    cfg = load_config(base=BASE, overrides=['seed=3', 'optimizer.lr=0.25', 'model.backbone.preset=mini-l'])
+    assert cfg.seed == 3
+    assert cfg.optimizer == {'name': 'decoupled_adamw', 'lr': 0.25}
+    assert cfg.model['backbone']['preset'] == 'mini-l'
+    assert load_config(base=BASE).optimizer['lr'] == 0.5  # interpolated from variables
+
+
+def test_unknown_top_level_key_names_key_and_allowed_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config(base={**BASE, 'learning_rate': 1.0})
+    msg = str(err.value)
+    assert "'learning_rate'" in msg and 'global_train_batch_size' in msg and 'optimizer' in msg
+
+
+def test_missing_required_key():
+    base = dict(BASE)
+    del base['max_duration']
+    with pytest.raises(ConfigError, match='max_duration'):
+        load_config(base=base)
+
+
+@pytest.mark.parametrize('key,value', [('seed', 'abc'), ('global_train_batch_size', 2.5),
+                                       ('model', 'latent_diffusion'), ('save_overwrite', 'yes')])
+def test_wrong_type_names_key(key, value):
+    with pytest.raises(ConfigError, match=key):
+        load_config(base={**BASE, key: value})
+
+
+def test_component_block_needs_name():
+    with pytest.raises(ConfigError, match='optimizer'):
+        load_config(base={**BASE, 'optimizer': {'lr': 1.0}})
+
+
+def test_bad_override_and_bad_file(tmp_path):
+    with pytest.raises(ConfigError):
+        load_config(base=BASE, overrides=['seed'])
+    with pytest.raises(ConfigError):
+        load_config(tmp_path / 'missing.yaml')
+
+
+def test_unknown_registry_name_lists_registered_names():
+    with pytest.raises(registry.UnknownComponentError) as err:
+        registry.build(registry.optimizers, {'name': 'adamw_typo', 'lr': 1.0}, 'optimizer')
+    assert 'decoupled_adamw' in str(err.value) and 'optimizer' in str(err.value)
+
+
+def test_unknown_component_argument_names_it():
+    import torch
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    with pytest.raises(registry.UnknownComponentError) as err:
+        registry.build(registry.optimizers, {'name': 'decoupled_adamw', 'lrr': 1.0}, 'optimizer', params=params)
+    assert 'lrr' in str(err.value) and "'lr'" in str(err.value)
+
+
+@pytest.mark.parametrize('reg,name', [
+    ('optimizers', 'decoupled_adamw'), ('optimizers', 'decoupled_lionw'), ('schedulers', 'cosine_with_warmup'),
+    ('schedulers', 'constant_with_warmup'), ('callbacks', 'scheduled_gc'), ('callbacks', 'speed_monitor'),
+    ('algorithms', 'ema'), ('algorithms', 'low_precision_groupnorm'), ('algorithms', 'low_precision_layernorm'),
+    ('algorithms', 'gradient_clipping'), ('loggers', 'tensorboard')])
+def test_composer_and_foundry_components_by_name(reg, name):
+    assert name in getattr(registry, reg).get_all()
+
+
+def test_composer_components_build():
+    import torch
+    from composer.algorithms import EMA
+    from composer.optim import CosineAnnealingWithWarmupScheduler
+    from llmfoundry.optim import DecoupledLionW
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert isinstance(registry.build(registry.optimizers, {'name': 'decoupled_lionw', 'lr': 1e-4}, params=params),
+                      DecoupledLionW)
+    assert isinstance(registry.build(registry.schedulers, {'name': 'cosine_with_warmup', 't_warmup': '2ba'}),
+                      CosineAnnealingWithWarmupScheduler)
+    assert isinstance(registry.build(registry.algorithms, {'name': 'ema', 'half_life': '10ba'}), EMA)
