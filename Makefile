@@ -5,10 +5,11 @@ PYTHON := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
 UV_VERSION := 0.9.5
 STAMP := $(VENV)/.installed
+DEMO_PHOTOS := data/demo_photos/eval/index.json
 
 .PHONY: install test demo lock clean
 
-install: $(STAMP)
+install: $(STAMP) $(DEMO_PHOTOS)
 
 # Installs exactly the pinned lock (no resolution, so no backtracking), then this repo in editable mode.
 $(STAMP): requirements/lock.txt requirements/nodeps.txt setup.py
@@ -18,6 +19,10 @@ $(STAMP): requirements/lock.txt requirements/nodeps.txt setup.py
 	$(UV) pip install -q --python $(PYTHON) --no-deps -r requirements/nodeps.txt
 	$(UV) pip install -q --python $(PYTHON) --no-deps -e .
 	@touch $@
+
+# The small set of real photos yamls/tiny-cpu.yaml trains on (they ship inside scikit-image, scikit-learn, matplotlib).
+$(DEMO_PHOTOS): $(STAMP) diffusion/data/demo_photos.json
+	$(PYTHON) -c "from diffusion.data import build_demo_photos; build_demo_photos('data/demo_photos')"
 
 # Re-pin every package after editing requirements/requirements.in.
 lock: install

@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence, Union
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-__all__ = ['ConfigError', 'TrainConfig', 'load_config', 'to_container']
+__all__ = ['ConfigError', 'TrainConfig', 'load_config', 'save_config', 'to_container', 'validate']
 
 
 class ConfigError(ValueError):
@@ -76,6 +76,13 @@ class TrainConfig:
     variables: dict[str, Any] = field(default_factory=dict)
 
 
+def save_config(cfg: Any, path: Union[str, Path]) -> None:
+    """Write a validated config dataclass as YAML (resolved), e.g. next to the checkpoints it produced."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(dataclasses.asdict(cfg)), path)
+
+
 _PY_TYPES = {int: 'int', float: 'float', str: 'str', bool: 'bool'}
 
 
@@ -122,50 +129,55 @@ def to_container(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f'could not resolve an interpolation: {err}') from err
 
 
-def validate(raw: dict[str, Any]) -> TrainConfig:
-    """Check a plain dict against :class:`TrainConfig` and build it.
+def validate(raw: dict[str, Any], schema: type = None) -> Any:
+    """Check a plain dict against a config dataclass (default :class:`TrainConfig`) and build it.
 
     Raises:
         ConfigError: Naming the unknown, missing or ill-typed key and the allowed keys.
     """
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    schema = schema or TrainConfig
+    fields = {f.name: f for f in dataclasses.fields(schema)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        component_keys = ('model', 'train_loader', 'eval_loader', 'optimizer', 'scheduler')
+        blocks = [n for n, f in fields.items() if typing.get_type_hints(schema)[n] in (dict[str, Any],
+                                                                                     Optional[dict[str, Any]])]
         hint = (f' If it is an argument of a component, put it inside that component\'s block '
-                f'({", ".join(component_keys)}, algorithms.<name>, callbacks.<name>, loggers.<name>).')
+                f'({", ".join(blocks)}).') if blocks else ''
         raise ConfigError(f'unknown top-level config key(s) {unknown}. Allowed keys: {sorted(fields)}.{hint}')
     required = [n for n, f in fields.items()
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]  # type: ignore
     missing = [n for n in required if raw.get(n) is None]
     if missing:
         raise ConfigError(f'missing required config key(s) {missing}. Required keys: {required}.')
-    hints = typing.get_type_hints(TrainConfig)
+    hints = typing.get_type_hints(schema)
     for name, value in raw.items():
         _check_type(name, value, hints[name])
     for name in ('model', 'train_loader', 'optimizer', 'eval_loader', 'scheduler'):
-        block = raw.get(name)
-        if block is not None and 'name' not in block:
+        block = raw.get(name) if name in fields else None
+        if isinstance(block, dict) and 'name' not in block:
             raise ConfigError(f'config block `{name}` needs a `name:` key naming a registered component.')
     for name in ('algorithms', 'callbacks', 'loggers'):
+        if name not in fields:
+            continue
         for label, block in (raw.get(name) or {}).items():
             if block is not None and not isinstance(block, dict):
                 raise ConfigError(f'`{name}.{label}` must be a mapping of keyword arguments (or empty), got '
                                   f'{type(block).__name__}: {block!r}')
-    return TrainConfig(**raw)
+    return schema(**raw)
 
 
 def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = (),
-                base: Optional[dict[str, Any]] = None) -> TrainConfig:
+                base: Optional[dict[str, Any]] = None, schema: Optional[type] = None) -> Any:
     """Load a YAML file (or ``base`` dict), apply ``key.path=value`` overrides, resolve, validate.
 
     Args:
         path: The YAML file.
         overrides: Dotted overrides, e.g. ``['max_duration=5ba', 'model.backbone.preset=mini-s']``.
         base: A dict to use instead of a file (tests).
+        schema: The config dataclass (default :class:`TrainConfig`; generation and evaluation have their own).
 
     Returns:
-        The validated :class:`TrainConfig`.
+        The validated config dataclass.
     """
     if (path is None) == (base is None):
         raise ValueError('give exactly one of path or base')
@@ -178,4 +190,4 @@ def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = 
     cfg = _merge(cfg, overrides)
     raw = to_container(cfg)
     raw.pop('variables', None)
-    return validate(raw)
+    return validate(raw, schema)

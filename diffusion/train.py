@@ -9,12 +9,13 @@ import importlib
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
 from diffusion import registry
-from diffusion.config import ConfigError, TrainConfig, load_config
+from diffusion.config import ConfigError, TrainConfig, load_config, save_config
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,25 @@ def _device_batch_size(cfg: TrainConfig, world_size: int) -> int:
     return cfg.global_train_batch_size // world_size
 
 
+def fsdp_config(cfg: TrainConfig) -> Any:
+    """The ``fsdp_config`` block as composer's ``FSDPConfig`` (checked on any machine), or None."""
+    if cfg.fsdp_config is None:
+        return None
+    import dataclasses
+
+    from composer.utils.parallelism import FSDPConfig
+    allowed = [f.name for f in dataclasses.fields(FSDPConfig)]
+    unknown = sorted(set(cfg.fsdp_config) - set(allowed))
+    if unknown:
+        raise ConfigError(f'fsdp_config: unknown key(s) {unknown}; composer FSDPConfig accepts {allowed}')
+    try:
+        return FSDPConfig(**cfg.fsdp_config)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f'fsdp_config: {err}') from err
+
+
 def _check_hardware(cfg: TrainConfig) -> str:
+    fsdp_config(cfg)  # a bad FSDP block is a config error here too, not only on the GPU cluster
     device = cfg.device or ('gpu' if torch.cuda.is_available() else 'cpu')
     if device == 'gpu' and not torch.cuda.is_available():
         raise ConfigError('device: gpu was asked for, but no CUDA device is visible')
@@ -108,6 +127,9 @@ def build_trainer(cfg: TrainConfig) -> Any:
     if dist.get_world_size() > 1 and not dist.is_initialized():
         dist.initialize_dist(get_device(device), timeout=cfg.dist_timeout)
     parts = build_components(cfg, _device_batch_size(cfg, dist.get_world_size()))
+    if cfg.save_folder and '://' not in cfg.save_folder and dist.get_global_rank() == 0:
+        # The resolved config beside the checkpoints: generation, evaluation and export rebuild the model from it.
+        save_config(cfg, Path(cfg.save_folder.format(run_name=cfg.run_name)) / 'config.yaml')
     parallelism = {'fsdp': dict(cfg.fsdp_config)} if cfg.fsdp_config is not None else None
     return Trainer(
         **parts,

@@ -22,3 +22,10 @@ def demo_photos(tmp_path_factory) -> Path:
     """The small MDS set of real photos (train + eval splits) the tiny configs train on."""
     from diffusion.data import build_demo_photos
     return Path(build_demo_photos(tmp_path_factory.mktemp('demo_photos')))
+
+
+@pytest.fixture(scope='session', autouse=True)
+def _registered_components():
+    """Register every model, schedule, dataloader and callback by name, as run.py does."""
+    from diffusion.train import import_components
+    import_components()

@@ -90,7 +90,9 @@ def tiny_size(name: str) -> dict:
     and components, with tiny random encoders (no checkpoint can be downloaded here) and mini backbones."""
     from omegaconf import OmegaConf
     raw = OmegaConf.to_container(OmegaConf.load(REPO / 'yamls' / name))
-    raw.update(precision='fp32', fsdp_config=None)
+    raw.update(precision='fp32', fsdp_config=None, device_train_microbatch_size=None)
+    raw['train_loader'].update(remote=None, local='${variables.data}', use_latents=False, resolution=32,
+                               num_workers=0, persistent_workers=False, prefetch_factor=None)
     model = raw['model']
     if model.get('name') == 'latent_diffusion':
         if model.get('autoencoder'):
@@ -101,6 +103,7 @@ def tiny_size(name: str) -> dict:
         elif te == 'sdxl_clip_pair':
             model['text_encoder'] = {'name': 'tiny_clip', 'pair': True}
         backbone = model['backbone']
+        backbone['attention'] = 'sdpa'
         backbone['preset'] = {'sd2-base': 'mini-s', 'sdxl-base': 'mini-l'}.get(backbone.get('preset'),
                                                                                backbone.get('preset'))
     return raw

@@ -1,0 +1,164 @@
+"""Sampling: the denoising loop, classifier-free guidance and an EDM Heun scheduler.
+
+The loop drives a diffusers scheduler exactly as diffusers' own pipelines do
+(``set_timesteps`` -> ``scale_model_input`` -> network -> ``step``) and draws its initial noise
+with diffusers' ``randn_tensor``, so the same seed gives the same latents here and in an exported
+``StableDiffusionPipeline``.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import torch
+from diffusers import EDMEulerScheduler
+from diffusers.schedulers.scheduling_edm_euler import EDMEulerSchedulerOutput
+from diffusers.utils.torch_utils import randn_tensor
+from torch import Tensor
+from tqdm.auto import tqdm
+
+DenoiseFn = Callable[[Tensor, Tensor], Tensor]
+
+# =============================================================================================
+# Classifier-free guidance
+# =============================================================================================
+
+
+def guidance(pred_uncond: Tensor, pred_cond: Tensor, scale: float, rescale: float = 0.0) -> Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022) with optional guidance rescale.
+
+    ``pred = uncond + scale (cond - uncond)``; with ``rescale > 0`` the result's per-sample standard
+    deviation is pulled back towards that of ``pred_cond`` (Lin et al. 2023, Sec. 3.4, eq. 15-16):
+    ``pred = rescale * pred * std(cond) / std(pred) + (1 - rescale) * pred``.
+
+    Args:
+        pred_uncond: Network output for the empty / negative prompt, ``(B, ...)``.
+        pred_cond: Network output for the prompt, same shape.
+        scale: Guidance scale; 1 returns ``pred_cond`` itself (bit-exact).
+        rescale: Guidance-rescale factor phi in ``[0, 1]``.
+
+    Returns:
+        The guided prediction, same shape as the inputs.
+    """
+    if pred_uncond.shape != pred_cond.shape:
+        raise ValueError(f'guidance: shapes differ, uncond {tuple(pred_uncond.shape)} vs cond {tuple(pred_cond.shape)}')
+    if not 0.0 <= rescale <= 1.0:
+        raise ValueError(f'guidance rescale must be in [0, 1], got {rescale}')
+    if scale == 1.0:
+        return pred_cond
+    pred = pred_uncond + scale * (pred_cond - pred_uncond)
+    if rescale > 0:
+        dims = tuple(range(1, pred.ndim))
+        rescaled = pred * pred_cond.std(dim=dims, keepdim=True) / pred.std(dim=dims, keepdim=True)
+        pred = rescale * rescaled + (1 - rescale) * pred
+    return pred
+
+
+# =============================================================================================
+# The sampling loop
+# =============================================================================================
+
+
+def sample(denoise_fn: DenoiseFn, scheduler, shape: tuple[int, ...], *, num_steps: int,
+           generator: torch.Generator | None = None, device: torch.device | str = 'cpu',
+           dtype: torch.dtype = torch.float32, init_noise: Tensor | None = None,
+           progress: bool = True) -> Tensor:
+    """Run a diffusers scheduler from noise to latents.
+
+    Args:
+        denoise_fn: ``denoise_fn(x_in, t) -> raw network output`` (already guided), where ``x_in`` is
+            the scheduler-scaled latent batch and ``t`` the scheduler's 0-d timestep tensor (an integer
+            timestep for DDPM schedules, ``c_noise`` for EDM); expand it to the batch yourself.
+        scheduler: A diffusers ``SchedulerMixin`` (e.g. from ``schedule.make_scheduler(name)``).
+        shape: Latent shape ``(B, C, H, W)``.
+        num_steps: Number of inference steps.
+        generator: Seeds the initial noise and any stochastic steps; same seed, same latents.
+        device: Device of the latents.
+        dtype: Dtype of the latents.
+        init_noise: Optional unit-variance starting noise of ``shape`` (scaled by
+            ``scheduler.init_noise_sigma`` like diffusers pipelines do).
+        progress: Show a tqdm bar.
+
+    Returns:
+        The final latents ``(B, C, H, W)``.
+    """
+    if num_steps < 1:
+        raise ValueError(f'num_steps must be >= 1, got {num_steps}')
+    scheduler.set_timesteps(num_steps, device=device)
+    if init_noise is None:
+        latents = randn_tensor(tuple(shape), generator=generator, device=torch.device(device), dtype=dtype)
+    else:
+        if tuple(init_noise.shape) != tuple(shape):
+            raise ValueError(f'init_noise has shape {tuple(init_noise.shape)}, expected {tuple(shape)}')
+        latents = init_noise.to(device=device, dtype=dtype)
+    latents = latents * scheduler.init_noise_sigma
+    step_kwargs = {'generator': generator} if 'generator' in inspect.signature(scheduler.step).parameters else {}
+    for t in tqdm(scheduler.timesteps, desc='sampling', disable=not progress, leave=False):
+        x_in = scheduler.scale_model_input(latents, t)
+        output = denoise_fn(x_in, t)
+        latents = scheduler.step(output, t, latents, return_dict=False, **step_kwargs)[0]
+    return latents
+
+
+# =============================================================================================
+# EDM Heun (Karras et al. 2022, Algorithm 1, deterministic); diffusers has only EDM Euler / DPM++
+# =============================================================================================
+
+
+class EDMHeunScheduler(EDMEulerScheduler):
+    """EDM's 2nd-order Heun sampler with diffusers' scheduler API and EDM preconditioning.
+
+    Each step from ``sigma_i`` to ``sigma_{i+1}`` takes two network evaluations (an Euler
+    predictor, then a trapezoidal corrector); the last step to ``sigma = 0`` is a plain Euler step.
+    ``timesteps`` therefore lists ``2 n - 1`` evaluations, in the order the loop must call them.
+    Config and preconditioning are those of :class:`diffusers.EDMEulerScheduler`.
+    """
+
+    order = 2
+
+    def set_timesteps(self, num_inference_steps: int = None, device=None, sigmas=None) -> None:
+        """Set the ``n + 1`` step sigmas (Karras schedule) and the evaluation sequence."""
+        super().set_timesteps(num_inference_steps, device=device, sigmas=sigmas)
+        step_sigmas = self.sigmas  # (n + 1,), last is 0
+        evals, eval_sigmas = [], []
+        for i in range(len(step_sigmas) - 1):
+            evals.append((i, False))
+            eval_sigmas.append(step_sigmas[i])
+            if step_sigmas[i + 1] > 0:
+                evals.append((i, True))
+                eval_sigmas.append(step_sigmas[i + 1])
+        self._evals = evals
+        self._eval_sigmas = torch.stack(eval_sigmas)
+        self.timesteps = self.precondition_noise(self._eval_sigmas).to(device)
+        self._eval_index = 0
+        self._first_order = None  # (sample at sigma_i, derivative at sigma_i)
+
+    def scale_model_input(self, sample: Tensor, timestep) -> Tensor:
+        """``c_in * sample`` at the sigma of the current evaluation."""
+        self.is_scale_input_called = True
+        return self.precondition_inputs(sample, self._eval_sigmas[self._eval_index])
+
+    def step(self, model_output: Tensor, timestep, sample: Tensor, return_dict: bool = True,
+             **_unused) -> EDMEulerSchedulerOutput | tuple[Tensor, Tensor]:
+        """Advance one evaluation: Euler predictor, or the Heun correction of the previous predictor."""
+        if self._eval_index >= len(self._evals):
+            raise RuntimeError('EDMHeunScheduler.step called more often than there are timesteps')
+        i, is_correction = self._evals[self._eval_index]
+        sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
+        sample32 = sample.to(torch.float32)
+        if not is_correction:
+            denoised = self.precondition_outputs(sample32, model_output, sigma)
+            derivative = (sample32 - denoised) / sigma
+            prev = sample32 + derivative * (sigma_next - sigma)
+            self._first_order = (sample32, derivative)
+        else:
+            start, derivative0 = self._first_order
+            denoised = self.precondition_outputs(sample32, model_output, sigma_next)
+            derivative1 = (sample32 - denoised) / sigma_next
+            prev = start + (derivative0 + derivative1) / 2 * (sigma_next - sigma)
+            self._first_order = None
+        self._eval_index += 1
+        prev = prev.to(model_output.dtype)
+        if not return_dict:
+            return prev, denoised
+        return EDMEulerSchedulerOutput(prev_sample=prev, pred_original_sample=denoised)
