@@ -139,7 +139,7 @@ def validate(raw: dict[str, Any], schema: type = None) -> Any:
     fields = {f.name: f for f in dataclasses.fields(schema)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        blocks = [n for n, f in fields.items() if typing.get_type_hints(schema)[n] in (dict[str, Any],
+        blocks = [n for n, f in fields.items() if n != 'variables' and typing.get_type_hints(schema)[n] in (dict[str, Any],
                                                                                      Optional[dict[str, Any]])]
         hint = (f' If it is an argument of a component, put it inside that component\'s block '
                 f'({", ".join(blocks)}).') if blocks else ''

@@ -14,7 +14,6 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from diffusion import registry
 from diffusion.config import ConfigError, TrainConfig, load_config, save_config
 
 log = logging.getLogger(__name__)
@@ -38,6 +37,7 @@ def import_components() -> None:
 
 def _build_mapping(reg: Any, blocks: dict[str, Any], where: str) -> list[Any]:
     """Build ``{label: {kwargs}}`` blocks (llm-foundry style); ``name:`` inside a block overrides the label."""
+    from diffusion import registry
     built = []
     for label, kwargs in (blocks or {}).items():
         kwargs = dict(kwargs or {})
@@ -89,6 +89,7 @@ def build_components(cfg: TrainConfig, device_batch_size: int = 1) -> dict[str, 
 
     Separate from :func:`build_trainer` so tests can build every YAML (at tiny size) without training.
     """
+    from diffusion import registry  # imports llm-foundry (~30 s): only once the config is known to be valid
     import_components()
     for block, key in ((cfg.train_loader, 'train_loader'), (cfg.eval_loader or {}, 'eval_loader')):
         if 'batch_size' in block:
@@ -197,9 +198,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0 if argv else 2
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
     try:
-        cfg = load_config(argv[0], argv[1:])
+        cfg = load_config(argv[0], argv[1:])  # fast: a typo is reported before the heavy imports
+    except ConfigError as err:
+        print(f'config error: {err}', file=sys.stderr)
+        return 2
+    from diffusion.registry import UnknownComponentError
+    try:
         train(cfg)
-    except (ConfigError, registry.UnknownComponentError) as err:
+    except (ConfigError, UnknownComponentError) as err:
         print(f'config error: {err}', file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,33 @@
+"""Data: licence-aware conversion to MDS shards and the one streaming image-caption dataset.
+
+Modules: ``sanitize`` (the image-sanitising function and caption checks), ``licenses`` (licence ids
+and the commercial / noncommercial / all sets), ``writer`` (the shared resumable MDS writer),
+``sources`` (per-source fetch and parse code for the mini catalog), ``demo`` (a tiny set of real
+photos shipped by installed packages) and ``dataset`` (``StreamingImageCaptionDataset`` and the
+``image_caption`` dataloader builder, registered when ``diffusion.data.dataset`` is imported).
+
+Attributes are imported lazily so that converters do not pay for torch or composer imports they do
+not need.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    'build_demo_photos': 'diffusion.data.demo',
+    'DatasetWriter': 'diffusion.data.writer',
+    'run_conversion': 'diffusion.data.writer',
+    'SkipSample': 'diffusion.data.sanitize',
+    'sanitize_image': 'diffusion.data.sanitize',
+    'StreamingImageCaptionDataset': 'diffusion.data.dataset',
+    'build_image_caption_dataloader': 'diffusion.data.dataset',
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

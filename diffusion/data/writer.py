@@ -1,0 +1,426 @@
+"""The one resumable, atomic MDS writer shared by every converter.
+
+Usage::
+
+    with DatasetWriter(out_dir, config=vars(args)) as writer:
+        for item in items:
+            if writer.done(item.key):          # finished by an earlier, interrupted run
+                continue
+            try:
+                writer.write(make_sample(item))  # a dict with every column of ``writer.columns``
+            except SkipSample as err:
+                writer.skip(err.reason, key=item.key, source='openmoji')
+    print(writer.summary())
+
+or, with worker processes and a progress bar, ``run_conversion(fn, items, writer, workers=2)``.
+
+Layout of ``out_dir``::
+
+    train/index.json            merged index of every committed part (what readers open)
+    train/part-00000/...        shards written by streaming's MDSWriter, one folder per part
+    eval/index.json, eval/part-*/
+    .journal/part-00000.json    keys kept/skipped by that part: the commit record
+    .journal/config.json        the converter's arguments; a resume with other arguments is refused
+    report.json                 counts kept and skipped, per split, per source and per reason
+    attribution.csv             key, creator, licence, licence URL, source and path of every image
+
+How it is resumable and atomic: samples go to streaming's ``MDSWriter`` in a fresh part folder. Every
+``commit_every`` samples the part is finished (shards and the part's own index.json written), then
+its journal is written to a temporary file and renamed into place (the commit point), then each
+split's merged ``index.json`` is rewritten the same way. A killed run loses at most the uncommitted
+part, whose folder has no journal and is deleted on the next run; samples committed earlier are
+recognised by key (:meth:`DatasetWriter.done`) and by sha256 (duplicates), so a re-run with the same
+arguments finishes the dataset without duplicating or losing a sample. Readers only ever see a
+complete ``index.json`` that names complete shards. (streaming's ``merge_index`` is not used for the
+merged index because it moves a finished file over the old one non-atomically.)
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from streaming import MDSWriter
+from tqdm import tqdm
+
+from diffusion.data.sanitize import SkipSample
+
+log = logging.getLogger(__name__)
+
+# The column schema of every converted dataset (see docs/data.md).
+DEFAULT_COLUMNS: dict[str, str] = {
+    'image': 'jpeg',
+    'caption': 'str',
+    'caption_source': 'str',
+    'caption_weak': 'int',
+    'license': 'str',
+    'license_url': 'str',
+    'creator': 'str',
+    'source': 'str',
+    'source_path': 'str',
+    'width': 'int',
+    'height': 'int',
+    'sha256': 'str',
+    'key': 'str',
+}
+ATTRIBUTION_FIELDS = ('key', 'split', 'creator', 'license', 'license_url', 'source', 'source_path')
+CRASH_ENV = 'DIFFUSION_WRITER_CRASH_AFTER'  # testing hook: SIGKILL this process after N writes
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to ``path`` through a temporary file and an atomic rename.
+
+    A reader sees the old file or the new one, never a partial one. (No fsync: on the shared VMs
+    used here fsync stalled for minutes; the guarantee needed is atomic visibility, which the
+    rename gives, not durability against power loss.)
+    """
+    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    with open(tmp, 'w', encoding='utf-8') as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def split_for_key(key: str, eval_fraction: float) -> str:
+    """Deterministic train/eval assignment from a hash of the sample key."""
+    bucket = int(hashlib.sha1(key.encode('utf-8')).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return 'eval' if bucket < eval_fraction else 'train'
+
+
+def make_sample(clean: Any, *, key: str, caption: str, caption_source: str, license_id: str, creator: str,
+                source: str, source_path: str, image_format: str = 'jpeg', quality: int = 90) -> dict[str, Any]:
+    """Assemble a row of :data:`DEFAULT_COLUMNS` from a :class:`~diffusion.data.sanitize.CleanImage`.
+
+    The image is encoded here (in the worker process), so the writer only copies bytes.
+    """
+    from diffusion.data.licenses import license_url
+    from diffusion.data.sanitize import encode_image, is_weak_caption
+
+    return {
+        'image': encode_image(clean.image, image_format, quality),
+        'caption': caption,
+        'caption_source': caption_source,
+        'caption_weak': int(is_weak_caption(caption)),
+        'license': license_id,
+        'license_url': license_url(license_id),
+        'creator': creator,
+        'source': source,
+        'source_path': source_path,
+        'width': clean.width,
+        'height': clean.height,
+        'sha256': clean.sha256,
+        'key': key,
+    }
+
+
+def columns_for(image_format: str) -> dict[str, str]:
+    """:data:`DEFAULT_COLUMNS` with the ``image`` column encoded as ``jpeg`` or ``png``."""
+    if image_format not in ('jpeg', 'png'):
+        raise ValueError(f'image format must be jpeg or png, got {image_format!r}')
+    return dict(DEFAULT_COLUMNS, image=image_format)
+
+
+class DatasetWriter:
+    """Resumable, atomic, de-duplicating writer of an MDS dataset with train/eval splits.
+
+    Args:
+        out: Output folder (local).
+        columns: MDS column name -> encoding; defaults to :data:`DEFAULT_COLUMNS`.
+        compression: streaming compression (``zstd``, ``zstd:7``, ``gzip`` ...) or None.
+        size_limit: Shard size limit passed to ``MDSWriter`` (bytes or ``'64mb'``).
+        commit_every: Samples per committed part; at most this many are redone after a kill.
+        eval_fraction: Share of keys hashed into the ``eval`` split when :meth:`write` gets no split.
+        dedup: Skip samples whose ``sha256`` was already written (reason ``duplicate``).
+        config: The converter's arguments. A resume whose config differs raises ``ValueError``.
+        overwrite: Delete an existing dataset in ``out`` instead of resuming it.
+    """
+
+    def __init__(self,
+                 out: str | os.PathLike,
+                 columns: dict[str, str] | None = None,
+                 *,
+                 compression: str | None = None,
+                 size_limit: int | str = '64mb',
+                 commit_every: int = 256,
+                 eval_fraction: float = 0.0,
+                 dedup: bool = True,
+                 config: dict[str, Any] | None = None,
+                 overwrite: bool = False) -> None:
+        self.out = Path(out)
+        self.columns = dict(columns or DEFAULT_COLUMNS)
+        self.compression = compression
+        self.size_limit = size_limit
+        self.commit_every = commit_every
+        self.eval_fraction = eval_fraction
+        self.dedup = dedup
+        self._journal_dir = self.out / '.journal'
+        if overwrite and self.out.exists():
+            shutil.rmtree(self.out)
+        self._journal_dir.mkdir(parents=True, exist_ok=True)
+        self._check_config(config)
+        self._kept: list[dict[str, Any]] = []  # committed + current part, in write order
+        self._skipped: list[list[str]] = []  # [key, reason, source]
+        self._done: set[str] = set()
+        self._seen_sha: set[str] = set()
+        self._part = self._load_journals()
+        self._open: dict[str, MDSWriter] = {}
+        self._part_kept: list[dict[str, Any]] = []
+        self._part_skipped: list[list[str]] = []
+        self._writes = 0
+        self._crash_after = int(os.environ.get(CRASH_ENV, '0') or 0)
+
+    # -- resume --------------------------------------------------------------------------------
+    def _check_config(self, config: dict[str, Any] | None) -> None:
+        path = self._journal_dir / 'config.json'
+        if config is None:
+            return
+        config = json.loads(json.dumps(config, default=str))
+        if path.exists():
+            old = json.loads(path.read_text())
+            if old != config:
+                raise ValueError(f'{self.out} holds a dataset written with other arguments ({old}); '
+                                 f'use another --out, the same arguments, or overwrite=True')
+        else:
+            write_json_atomic(path, config)
+
+    def _load_journals(self) -> int:
+        """Load committed parts, delete uncommitted part folders; return the next part number."""
+        committed = sorted(self._journal_dir.glob('part-*.json'))
+        names = {p.stem for p in committed}
+        for record in committed:
+            part = json.loads(record.read_text())
+            self._kept.extend(part['kept'])
+            self._skipped.extend(part['skipped'])
+        for row in self._kept:
+            self._done.add(row['key'])
+            self._seen_sha.add(row['sha256'])
+        self._done.update(row[0] for row in self._skipped if row[0])
+        for folder in self.out.glob('*/part-*'):
+            if folder.is_dir() and folder.name not in names:
+                log.info('removing uncommitted part %s', folder)
+                shutil.rmtree(folder)
+        numbers = [int(p.stem.split('-')[1]) for p in committed]
+        return max(numbers, default=-1) + 1
+
+    def done(self, key: str) -> bool:
+        """Whether ``key`` was already written or skipped by a committed part."""
+        return key in self._done
+
+    # -- writing -------------------------------------------------------------------------------
+    def write(self, sample: dict[str, Any], split: str | None = None) -> bool:
+        """Write one sample (a dict holding every column) to ``split`` (default: hashed from key).
+
+        Returns:
+            False if the sample was skipped as a duplicate (same ``sha256``) or its key is done.
+        """
+        missing = [c for c in self.columns if c not in sample]
+        if missing:
+            raise ValueError(f'sample {sample.get("key")!r} lacks columns {missing}')
+        key = sample['key']
+        if key in self._done:
+            return False
+        if self.dedup and sample.get('sha256') in self._seen_sha:
+            self.skip('duplicate', key=key, source=sample.get('source', ''))
+            return False
+        split = split or split_for_key(key, self.eval_fraction)
+        writer = self._open.get(split)
+        if writer is None:
+            folder = self.out / split / f'part-{self._part:05d}'
+            writer = MDSWriter(out=str(folder), columns=self.columns, compression=self.compression,
+                               size_limit=self.size_limit)
+            self._open[split] = writer
+        writer.write({c: sample[c] for c in self.columns})
+        row = {f: str(sample.get(f, '')) for f in ATTRIBUTION_FIELDS}
+        row.update(split=split, sha256=sample.get('sha256', ''))
+        self._part_kept.append(row)
+        self._done.add(key)
+        self._seen_sha.add(row['sha256'])
+        self._writes += 1
+        if self._crash_after and self._writes >= self._crash_after:
+            os.kill(os.getpid(), signal.SIGKILL)  # testing hook: die like a killed job would
+        if len(self._part_kept) + len(self._part_skipped) >= self.commit_every:
+            self.commit()
+        return True
+
+    def skip(self, reason: str, key: str | None = None, source: str = '') -> None:
+        """Count a skipped sample under ``reason`` (and remember ``key`` as done once committed)."""
+        self._part_skipped.append([key or '', reason, source])
+        if key:
+            self._done.add(key)
+
+    def commit(self) -> None:
+        """Finish the current part and make it durable (see the module docstring)."""
+        if not self._part_kept and not self._part_skipped:
+            return
+        for writer in self._open.values():
+            writer.finish()
+        name = f'part-{self._part:05d}'
+        write_json_atomic(self._journal_dir / f'{name}.json',
+                          {'kept': self._part_kept, 'skipped': self._part_skipped})
+        self._kept.extend(self._part_kept)
+        self._skipped.extend(self._part_skipped)
+        splits = set(self._open)
+        self._open, self._part_kept, self._part_skipped = {}, [], []
+        self._part += 1
+        for split in splits:
+            self._merge_index(split)
+
+    def _merge_index(self, split: str) -> None:
+        """Atomically rewrite ``out/<split>/index.json`` from the committed parts' indexes."""
+        shards = []
+        for index in sorted((self.out / split).glob('part-*/index.json')):
+            for shard in json.loads(index.read_text())['shards']:
+                for field in ('raw_data', 'zip_data', 'raw_meta', 'zip_meta'):
+                    if shard.get(field):
+                        shard[field]['basename'] = f'{index.parent.name}/{shard[field]["basename"]}'
+                shards.append(shard)
+        write_json_atomic(self.out / split / 'index.json', {'version': 2, 'shards': shards})
+
+    # -- reporting -----------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """Counts kept and skipped: totals, per split, per source and per reason."""
+        kept = self._kept + self._part_kept
+        skipped = self._skipped + self._part_skipped
+        by_source: dict[str, dict[str, Any]] = defaultdict(lambda: {'kept': 0, 'skipped': Counter()})
+        for row in kept:
+            by_source[row['source']]['kept'] += 1
+        for _, reason, source in skipped:
+            by_source[source]['skipped'][reason] += 1
+        return {
+            'kept': len(kept),
+            'skipped': len(skipped),
+            'splits': dict(Counter(row['split'] for row in kept)),
+            'skipped_by_reason': dict(Counter(reason for _, reason, _ in skipped)),
+            'by_source': {s: {'kept': v['kept'], 'skipped': dict(v['skipped'])}
+                          for s, v in sorted(by_source.items())},
+        }
+
+    def finish(self) -> dict[str, Any]:
+        """Commit, write ``report.json`` and ``attribution.csv``; return the summary."""
+        self.commit()
+        report = self.summary()
+        write_json_atomic(self.out / 'report.json', report)
+        tmp = self.out / f'.attribution.csv.tmp{os.getpid()}'
+        with open(tmp, 'w', newline='', encoding='utf-8') as f:
+            writer = csv.DictWriter(f, fieldnames=list(ATTRIBUTION_FIELDS), extrasaction='ignore')
+            writer.writeheader()
+            writer.writerows(self._kept)
+        os.replace(tmp, self.out / 'attribution.csv')
+        return report
+
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.finish()
+        else:  # keep what is complete, so a re-run continues from here
+            self.commit()
+
+
+# ---------------------------------------------------------------------------------------------
+# Parallel conversion
+# ---------------------------------------------------------------------------------------------
+def _guarded(fn: Callable[[Any], dict[str, Any]], item: Any) -> tuple[str, Any]:
+    """Run ``fn`` in a worker; a bad item becomes ('skip', reason) instead of killing the run."""
+    try:
+        return 'ok', fn(item)
+    except SkipSample as err:
+        return 'skip', err.reason
+    except Exception as err:  # noqa: BLE001 - one broken file must never end the run
+        log.warning('unexpected error on %r: %s: %s', item, type(err).__name__, err)
+        return 'skip', f'error_{type(err).__name__}'
+
+
+_WORKER_FN: Callable[[Any], dict[str, Any]] | None = None  # set before forking; inherited by workers
+
+
+def _call_worker_fn(item: Any) -> tuple[str, Any]:
+    assert _WORKER_FN is not None
+    return _guarded(_WORKER_FN, item)
+
+
+def run_conversion(fn: Callable[[Any], dict[str, Any]],
+                   items: Sequence[Any],
+                   writer: DatasetWriter,
+                   *,
+                   key: Callable[[Any], str],
+                   source: Callable[[Any], str] = lambda item: '',
+                   split: Callable[[Any], str | None] = lambda item: None,
+                   workers: int = 1,
+                   desc: str = 'convert',
+                   chunksize: int = 4) -> None:
+    """Convert ``items`` with ``fn`` over ``workers`` processes and write them in input order.
+
+    ``fn(item)`` returns a sample dict or raises :class:`SkipSample`. Items whose key the writer
+    already holds are not re-processed. Output order does not depend on ``workers``.
+    """
+    global _WORKER_FN
+    pending = [item for item in items if not writer.done(key(item))]
+    _WORKER_FN = fn  # forked workers inherit it, so ``fn`` need not be picklable
+    bar = tqdm(total=len(pending), desc=desc, unit='img', dynamic_ncols=True)
+    pool = None
+    try:
+        if workers > 1:
+            import multiprocessing
+            pool = multiprocessing.get_context('fork').Pool(workers)
+            results: Iterable[tuple[str, Any]] = pool.imap(_call_worker_fn, pending, chunksize=chunksize)
+        else:
+            results = map(_call_worker_fn, pending)
+        for item, (status, value) in zip(pending, results):
+            if status == 'ok':
+                writer.write(value, split=split(item))
+            else:
+                writer.skip(value, key=key(item), source=source(item))
+            bar.update(1)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        _WORKER_FN = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line options shared by the converters
+# ---------------------------------------------------------------------------------------------
+def add_writer_args(parser: Any) -> None:
+    """Add the options every converter takes to an ``argparse.ArgumentParser``."""
+    group = parser.add_argument_group('output')
+    group.add_argument('--out', required=True, help='output folder (MDS splits, report.json, attribution.csv)')
+    group.add_argument('--workers', type=int, default=1, help='worker processes')
+    group.add_argument('--size', type=int, default=512, help='longer side of stored images (no upscaling)')
+    group.add_argument('--min-size', type=int, default=64, help='minimum shorter side of a source image')
+    group.add_argument('--max-pixels', type=int, default=89_478_485, help='decompression-bomb limit (w*h)')
+    group.add_argument('--image-format', choices=('jpeg', 'png'), default='jpeg')
+    group.add_argument('--quality', type=int, default=90, help='JPEG quality')
+    group.add_argument('--compression', default=None, help='MDS shard compression, e.g. zstd (default none)')
+    group.add_argument('--size-limit', default='64mb', help='MDS shard size limit')
+    group.add_argument('--eval-fraction', type=float, default=0.05, help='share of keys in the eval split')
+    group.add_argument('--commit-every', type=int, default=256, help='samples per committed part')
+    group.add_argument('--overwrite', action='store_true', help='delete --out first instead of resuming')
+
+
+_RUN_ONLY = ('workers', 'overwrite', 'cache_dir')  # options that may change between resumed runs
+
+
+def writer_from_args(args: Any) -> DatasetWriter:
+    """Build the :class:`DatasetWriter` for a converter's parsed arguments."""
+    config = {k: v for k, v in sorted(vars(args).items()) if k not in _RUN_ONLY}
+    return DatasetWriter(args.out, columns_for(args.image_format), compression=args.compression,
+                         size_limit=args.size_limit, commit_every=args.commit_every,
+                         eval_fraction=args.eval_fraction, config=config, overwrite=args.overwrite)
+
+
+def print_summary(report: dict[str, Any], out: str | os.PathLike) -> None:
+    """The short end-of-run summary every converter CLI prints."""
+    print(f'kept {report["kept"]} (splits {report["splits"]}), skipped {report["skipped"]} '
+          f'{report["skipped_by_reason"]} -> {out}')
+    for source, counts in report['by_source'].items():
+        print(f'  {source or "-"}: kept {counts["kept"]}, skipped {counts["skipped"]}')
