@@ -50,7 +50,7 @@ class TrainConfig:
     device_train_microbatch_size: Optional[Any] = None  # int, or 'auto' on GPU; None = whole device batch
     device_eval_batch_size: Optional[int] = None
     eval_interval: str = '1ep'
-    eval_first: bool = False
+    eval_first: bool = False  # evaluate once before training (the starting validation loss)
     eval_subset_num_batches: int = -1
     # Hardware and numerics.
     device: Optional[str] = None  # 'cpu' | 'gpu' | None (auto)

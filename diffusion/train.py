@@ -6,6 +6,7 @@ algorithms and the callbacks that the config names. ``run.py`` calls :func:`main
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import sys
 import time
@@ -132,6 +133,9 @@ def build_trainer(cfg: TrainConfig) -> Any:
         # The resolved config beside the checkpoints: generation, evaluation and export rebuild the model from it.
         save_config(cfg, Path(cfg.save_folder.format(run_name=cfg.run_name)) / 'config.yaml')
     parallelism = {'fsdp': dict(cfg.fsdp_config)} if cfg.fsdp_config is not None else None
+    # Composer's in-memory logger keeps the metric history that train() writes to summary.json.
+    from composer.loggers import InMemoryLogger
+    parts['loggers'] = parts['loggers'] + [InMemoryLogger()]
     return Trainer(
         **parts,
         run_name=cfg.run_name,
@@ -161,32 +165,63 @@ def build_trainer(cfg: TrainConfig) -> Any:
     )
 
 
-def _summary(trainer: Any, seconds: float) -> str:
+def _history(trainer: Any) -> dict[str, list[list[float]]]:
+    """Eval metrics and train loss over batches, from composer's InMemoryLogger."""
+    from composer.loggers import InMemoryLogger
+    mem = next((d for d in trainer.logger.destinations if isinstance(d, InMemoryLogger)), None)
+    if mem is None:
+        return {}
+    out = {}
+    for key, values in mem.data.items():
+        if key.startswith('metrics/') or key == 'loss/train/total':
+            out[key] = [[int(ts.batch), float(v)] for ts, v in values if isinstance(v, (int, float, torch.Tensor))]
+    return out
+
+
+def summarize(trainer: Any, seconds: float) -> dict[str, Any]:
+    """What a run did: batches, samples, time, losses and eval metrics (first and last), checkpoint."""
     state = trainer.state
-    lines = [f'run {state.run_name}: {int(state.timestamp.batch)} batches, {int(state.timestamp.sample)} samples, '
-             f'{int(state.timestamp.epoch)} epochs in {seconds:.1f} s']
-    loss = state.loss
-    if isinstance(loss, torch.Tensor):
-        lines.append(f'  last train loss: {loss.item():.4f}')
-    for label, metrics in state.eval_metrics.items():
-        for name, metric in metrics.items():
-            try:
-                lines.append(f'  eval {label}/{name}: {float(metric.compute()):.4f}')
-            except (RuntimeError, ValueError):  # metric never updated
-                pass
-    if trainer.saved_checkpoints:
-        lines.append(f'  last checkpoint: {trainer.saved_checkpoints[-1]}')
+    history = _history(trainer)
+    summary: dict[str, Any] = {
+        'run_name': state.run_name, 'batches': int(state.timestamp.batch), 'samples': int(state.timestamp.sample),
+        'epochs': int(state.timestamp.epoch), 'seconds': round(seconds, 1),
+        'last_checkpoint': str(trainer.saved_checkpoints[-1]) if trainer.saved_checkpoints else None,
+        'history': history,
+    }
+    for key, points in history.items():
+        if points:
+            summary.setdefault('first', {})[key] = points[0]
+            summary.setdefault('last', {})[key] = points[-1]
+    return summary
+
+
+def _format(summary: dict[str, Any]) -> str:
+    lines = [f"run {summary['run_name']}: {summary['batches']} batches, {summary['samples']} samples, "
+             f"{summary['epochs']} epochs in {summary['seconds']} s"]
+    for key, (batch, value) in (summary.get('last') or {}).items():
+        first_batch, first = summary['first'][key]
+        change = f' (at batch {first_batch}: {first:.4f})' if first_batch != batch else ''
+        lines.append(f'  {key} at batch {batch}: {value:.4f}{change}')
+    if summary['last_checkpoint']:
+        lines.append(f"  last checkpoint: {summary['last_checkpoint']}")
     return '\n'.join(lines)
 
 
 def train(cfg: TrainConfig) -> Any:
-    """Build the trainer, fit, print a summary; returns the trainer."""
+    """Build the trainer, (evaluate first,) fit, print a summary and save it as ``summary.json``."""
     start = time.time()
     trainer = build_trainer(cfg)
+    if cfg.eval_first and trainer.state.evaluators and int(trainer.state.timestamp.batch) == 0:
+        trainer.eval()  # the starting validation loss, to compare the end against
     trainer.fit()
     from composer.utils import dist
     if dist.get_global_rank() == 0:
-        print(_summary(trainer, time.time() - start), flush=True)
+        summary = summarize(trainer, time.time() - start)
+        print(_format(summary), flush=True)
+        if cfg.save_folder and '://' not in cfg.save_folder:
+            path = Path(cfg.save_folder.format(run_name=cfg.run_name)) / 'summary.json'
+            path.write_text(json.dumps(summary, indent=1))
+            print(f'  summary: {path}', flush=True)
     return trainer
 
 
