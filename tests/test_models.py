@@ -153,3 +153,15 @@ def test_only_backbone_is_trainable_and_fsdp_policy(model):
     model.train()
     assert not model.text_encoder.training and not model.autoencoder.training and model.backbone.training
     model.eval()
+
+
+@pytest.mark.parametrize('schedule,sampler', [({'name': 'edm', 'sigma_data': 0.9}, 'euler'),
+                                              ({'name': 'ddpm', 'loss_weighting': 'min_snr'}, 'dpmpp_2m')])
+def test_other_schedules_train_and_sample(schedule, sampler, batch):
+    """EDM preconditioning (MicroDiT's formulation) and min-SNR weighting run through the same model class."""
+    model = tiny_model(noise_schedule=schedule)
+    loss = model.loss(model(batch), batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    images = model.generate(['a cat'], num_inference_steps=3, height=32, width=32, sampler=sampler, seed=0)
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
