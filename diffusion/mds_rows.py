@@ -1,0 +1,251 @@
+"""Derive a new MDS dataset from an existing one, row by row, across ranks, resumably.
+
+``convert/caption.py`` and ``convert/precompute_latents.py`` both read every row of a source dataset, add or
+replace a few columns, and keep every other column as it was. This module holds that shared part:
+
+* :class:`RowReader` reads a local MDS split and decodes columns, except image columns, which stay as their
+  stored bytes: they are written back byte for byte (streaming's JPEG/PNG encoders would re-compress a decoded
+  image, losing quality and breaking the ``sha256`` column).
+* :func:`map_dataset` shards the rows over ranks (rank ``r`` of ``W`` takes rows ``r, r+W, ...``; launch with
+  ``composer -n W`` or ``torchrun``), writes each rank's rows with the project's one resumable writer
+  (:class:`diffusion.data.writer.DatasetWriter`) and, on rank 0, merges the ranks into one ``index.json`` per
+  split.
+
+Output layout (``W`` ranks, splits as in the source)::
+
+    out/train/index.json                       merged index: what readers open
+    out/train/rank-00000/train/part-00000/...  rank 0's committed parts (DatasetWriter layout)
+    out/train/rank-00000/.journal/             its resume journal
+    out/eval/...
+    out/report.json                            kept/skipped counts summed over ranks and splits
+    out/attribution.csv                        creator/licence of every row, from every rank
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+from streaming.base.format.mds.encodings import mds_decode
+from streaming.base.local import LocalDataset
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+__all__ = ['RowReader', 'find_splits', 'map_dataset', 'rank_and_world']
+
+# Encodings whose decode/encode round trip is lossy or slow: such columns stay as their stored bytes.
+_RAW_ENCODINGS = ('jpeg', 'png', 'pil', 'jpeg_array', 'jpegarray', 'list[pil]', 'list[jpeg]', 'list[png]')
+
+# Given a list of rows, return one dict of new/replaced column values per row, or a str: the reason to skip it.
+RowFn = Callable[[list[dict[str, Any]]], list[Any]]
+
+
+def find_splits(src: str | os.PathLike) -> list[str]:
+    """Split folders of an MDS dataset: sub-folders holding ``index.json`` (``''`` if ``src`` itself holds one)."""
+    root = Path(src)
+    if (root / 'index.json').exists():
+        return ['']
+    splits = sorted(p.parent.name for p in root.glob('*/index.json'))
+    if not splits:
+        raise FileNotFoundError(f'{root} holds no MDS dataset: no index.json in it or in its sub-folders')
+    return splits
+
+
+class RowReader:
+    """Random access to the rows of one local MDS split.
+
+    Args:
+        src: Dataset folder.
+        split: Split sub-folder (``''`` for none).
+
+    Attributes:
+        columns: Column name -> MDS encoding, identical in every shard (checked).
+    """
+
+    def __init__(self, src: str | os.PathLike, split: str = '') -> None:
+        self.dataset = LocalDataset(local=str(src), split=split or None)
+        shards = self.dataset.shards
+        if not shards:
+            raise ValueError(f'{src}/{split}: the index names no shards')
+        first = shards[0]
+        self.columns: dict[str, str] = dict(zip(first.column_names, first.column_encodings))
+        for shard in shards[1:]:
+            if dict(zip(shard.column_names, shard.column_encodings)) != self.columns:
+                raise ValueError(f'{src}/{split}: shards disagree on columns; cannot derive a dataset from it')
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def raw(self, index: int) -> dict[str, bytes]:
+        """The stored bytes of every column of row ``index``."""
+        shard_id, idx = self.dataset.spanner[index]
+        shard = self.dataset.shards[shard_id]
+        data = shard.get_sample_data(idx)
+        sizes, pos = [], 0
+        for size in shard.column_sizes:
+            if size is None:  # variable-size column: its size is in the row header
+                size = int(np.frombuffer(data[pos:pos + 4], np.uint32)[0])
+                pos += 4
+            sizes.append(size)
+        row = {}
+        for name, size in zip(shard.column_names, sizes):
+            row[name] = data[pos:pos + size]
+            pos += size
+        return row
+
+    def row(self, index: int, columns: Optional[Sequence[str]] = None) -> dict[str, Any]:
+        """Row ``index``: columns decoded, image columns left as bytes (see the module docstring).
+
+        Args:
+            index: Row number in this split.
+            columns: Only these columns (default: all).
+        """
+        raw = self.raw(index)
+        names = columns if columns is not None else list(self.columns)
+        return {c: raw[c] if self.columns[c] in _RAW_ENCODINGS else mds_decode(self.columns[c], raw[c])
+                for c in names}
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size (initialising gloo/nccl when launched on several ranks)."""
+    from composer.utils import dist
+    if dist.get_world_size() > 1 and not dist.is_initialized():
+        dist.initialize_dist('gpu' if os.environ.get('CUDA_VISIBLE_DEVICES') else 'cpu')
+    return dist.get_global_rank(), dist.get_world_size()
+
+
+def _barrier() -> None:
+    from composer.utils import dist
+    if dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _batches(items: Sequence[int], size: int) -> Iterator[list[int]]:
+    for i in range(0, len(items), size):
+        yield list(items[i:i + size])
+
+
+def _row_key(row: dict[str, Any], split: str, index: int) -> str:
+    key = row.get('key')
+    return str(key) if key not in (None, '') else f'{split or "all"}/{index}'
+
+
+def map_dataset(src: str | os.PathLike, out: str | os.PathLike, fn: RowFn, new_columns: dict[str, str], *,
+                config: dict[str, Any], batch_size: int = 8, commit_every: int = 256,
+                splits: Optional[Sequence[str]] = None, desc: str = 'rows', limit: Optional[int] = None,
+                rank: Optional[int] = None, world: Optional[int] = None) -> dict[str, Any]:
+    """Write ``out``: every row of ``src`` with the columns ``fn`` returns added or replaced.
+
+    Resumable: rows committed by an earlier run (recognised by their ``key``) are not processed again; a
+    re-run with other ``config`` is refused by the writer.
+
+    Args:
+        src: Source dataset folder.
+        out: Output folder.
+        fn: Called with batches of rows (image columns as bytes); returns per row a dict of new column
+            values, or a str, the reason to skip the row (counted in the report).
+        new_columns: Encodings of the added/replaced columns (replacing a column may change its encoding).
+        config: Arguments recorded with the output; a resume must give the same.
+        batch_size: Rows per ``fn`` call.
+        commit_every: Rows per committed part (at most this many are redone after a kill).
+        splits: Splits to convert (default: all found in ``src``).
+        desc: Progress bar label.
+        limit: Convert only the first ``limit`` rows of each split (quick looks; recorded in ``config``).
+        rank: With ``world``: act as this rank without torch.distributed (no barriers; run every rank, rank 0
+            last, e.g. as separate jobs or in tests). Default: from the launcher's environment.
+        world: Number of ranks with ``rank``.
+
+    Returns:
+        On rank 0 the merged report (``kept``, ``skipped``, ``skipped_by_reason``, ``splits``); on other ranks
+        their own part of it.
+    """
+    from diffusion.data.writer import DatasetWriter
+    manual = rank is not None and world is not None
+    if not manual:
+        rank, world = rank_and_world()
+    assert rank is not None and world is not None
+    if not 0 <= rank < world:
+        raise ValueError(f'rank {rank} is not in [0, {world})')
+    out = Path(out)
+    splits = list(splits) if splits is not None else find_splits(src)
+    for split in splits:
+        reader = RowReader(src, split)
+        columns = {**reader.columns, **new_columns}
+        rank_dir = out / (split or '.') / f'rank-{rank:05d}'
+        n = len(reader) if limit is None else min(limit, len(reader))
+        mine = list(range(rank, n, world))
+        cfg = {**config, 'split': split, 'rank': rank, 'world_size': world, 'limit': limit}
+        with DatasetWriter(rank_dir, columns, config=cfg, commit_every=commit_every, dedup=False) as writer:
+            _convert_split(reader, writer, fn, mine, split, batch_size, f'{desc} {split or ""} r{rank}'.strip())
+    if not manual:
+        _barrier()
+    report: dict[str, Any] = {}
+    if rank == 0:
+        report = _merge(out, splits, world)
+    if not manual:
+        _barrier()
+    return report
+
+
+def _convert_split(reader: RowReader, writer: Any, fn: RowFn, indices: list[int], split: str, batch_size: int,
+                   desc: str) -> None:
+    keys = {i: _row_key(reader.row(i, ['key'] if 'key' in reader.columns else []), split, i) for i in indices}
+    pending = [i for i in indices if not writer.done(keys[i])]
+    with tqdm(total=len(pending), desc=desc, unit='row', dynamic_ncols=True) as bar:
+        for batch in _batches(pending, batch_size):
+            rows = [reader.row(i) for i in batch]
+            results = fn(rows)
+            if len(results) != len(rows):
+                raise RuntimeError(f'the row function returned {len(results)} results for {len(rows)} rows')
+            for i, row, result in zip(batch, rows, results):
+                if isinstance(result, str):
+                    writer.skip(result, key=keys[i], source=str(row.get('source', '')))
+                else:
+                    writer.write({**row, **result, 'key': keys[i]}, split=split or 'all')
+            bar.update(len(batch))
+
+
+def _merge(out: Path, splits: Sequence[str], world: int) -> dict[str, Any]:
+    """Rank 0: one ``index.json`` per split over every rank's parts, one report, one attribution file."""
+    from diffusion.data.writer import ATTRIBUTION_FIELDS, write_json_atomic
+    totals: dict[str, Any] = {'kept': 0, 'skipped': 0, 'skipped_by_reason': Counter(), 'splits': {}}
+    attribution: list[dict[str, str]] = []
+    for split in splits:
+        split_dir = out / (split or '.')
+        shards, kept = [], 0
+        for r in range(world):
+            rank_dir = split_dir / f'rank-{r:05d}'
+            index = rank_dir / (split or 'all') / 'index.json'
+            if index.exists():
+                for shard in json.loads(index.read_text())['shards']:
+                    for field in ('raw_data', 'zip_data', 'raw_meta', 'zip_meta'):
+                        if shard.get(field):
+                            shard[field]['basename'] = f'{rank_dir.name}/{split or "all"}/{shard[field]["basename"]}'
+                    shards.append(shard)
+                    kept += shard['samples']
+            report_file = rank_dir / 'report.json'
+            if report_file.exists():
+                rep = json.loads(report_file.read_text())
+                totals['skipped'] += rep['skipped']
+                totals['skipped_by_reason'].update(rep['skipped_by_reason'])
+            if (rank_dir / 'attribution.csv').exists():
+                with open(rank_dir / 'attribution.csv', newline='', encoding='utf-8') as f:
+                    attribution.extend(csv.DictReader(f))
+        write_json_atomic(split_dir / 'index.json', {'version': 2, 'shards': shards})
+        totals['kept'] += kept
+        totals['splits'][split or 'all'] = kept
+    totals['skipped_by_reason'] = dict(totals['skipped_by_reason'])
+    write_json_atomic(out / 'report.json', totals)
+    tmp = out / f'.attribution.csv.tmp{os.getpid()}'
+    with open(tmp, 'w', newline='', encoding='utf-8') as f:
+        writer = csv.DictWriter(f, fieldnames=list(ATTRIBUTION_FIELDS), extrasaction='ignore')
+        writer.writeheader()
+        writer.writerows(attribution)
+    os.replace(tmp, out / 'attribution.csv')
+    return totals
