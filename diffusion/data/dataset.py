@@ -157,11 +157,19 @@ class StreamingImageCaptionDataset(StreamingDataset):
         for name in ('text_hidden', 'text_mask', 'text_pooled'):
             if name in row:
                 out[name] = torch.from_numpy(np.asarray(row[name], dtype=np.float32))
+        # Micro-conditioning of the centre crop that convert/precompute_latents.py encoded: the latent column's
+        # resolution is the (square) target size; the crop offset follows from the original size as in
+        # _resize_crop with frac (0.5, 0.5).
+        side = int(self.latent_column.rsplit('_', 1)[-1])
         height, width = int(row.get('height', 0)), int(row.get('width', 0))
-        top_left = row.get('crop_top_left', (0, 0))
+        top = left = 0
+        if height > 0 and width > 0:
+            scale = side / min(height, width)
+            top = int(round((max(side, round(height * scale)) - side) * 0.5))
+            left = int(round((max(side, round(width * scale)) - side) * 0.5))
         out['original_size'] = torch.tensor([height, width], dtype=torch.long)
-        out['crop_top_left'] = torch.tensor([int(top_left[0]), int(top_left[1])], dtype=torch.long)
-        out['target_size'] = torch.tensor([latents.shape[-2] * 8, latents.shape[-1] * 8], dtype=torch.long)
+        out['crop_top_left'] = torch.tensor([top, left], dtype=torch.long)
+        out['target_size'] = torch.tensor([side, side], dtype=torch.long)
         out['flip'] = torch.tensor(0, dtype=torch.long)
         return out
 
