@@ -32,7 +32,7 @@ test: install
 	$(PYTHON) -m pytest tests
 
 demo: install
-	$(PYTHON) scripts/demo.py
+	$(PYTHON) scripts/demo.py $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs data

@@ -109,20 +109,21 @@ def main() -> None:
 
     times['evaluate'] = step('evaluate', [
         PY, 'run_eval.py', 'yamls/eval/tiny-cpu.yaml', f'checkpoint={run}/checkpoints', f'reference={source}',
-        f'out_dir={run}/eval'], run / 'eval' / 'eval.json', args.force, logs)
+        f'out_dir={run}/eval'], run / 'eval' / 'results.json', args.force, logs)
 
     times['export'] = step('export', [
         PY, 'convert/export_diffusers.py', '--checkpoint', f'{run}/checkpoints', '--out', f'{run}/pipeline'],
         run / 'pipeline' / 'model_index.json', args.force, logs)
 
     report = _read_json(catalog / 'report.json')
-    scaling = _read_json(vae.parent / 'scaling.json')
+    scaling = _read_json(vae / 'scaling.json')
     summary = _read_json(run / 'checkpoints' / 'summary.json')
-    evaluation = _read_json(run / 'eval' / 'eval.json')
+    evaluation = _read_json(run / 'eval' / 'results.json')
     print('\n================ demo summary ================')
     print(f'total time: {time.time() - start:.0f} s  (per step: {json.dumps({k: round(v) for k, v in times.items()})})')
     if report:
-        print(f'catalog: {json.dumps(report.get("kept", report.get("totals", {})))} -> {catalog}')
+        print(f'catalog: kept {report.get("kept")} images {report.get("splits")}, skipped '
+              f'{report.get("skipped_by_reason")} -> {catalog} (licences and creators: attribution.csv)')
     if scaling:
         print(f'autoencoder: latent scaling factor {scaling.get("scaling_factor")} -> {vae}')
     for key in ('metrics/eval/ValidationLoss',):
