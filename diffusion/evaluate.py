@@ -5,7 +5,7 @@
 For every guidance scale the model generates one image per prompt (by default: the captions of the reference
 split, COCO-30K style) into ``out_dir/generated/g<scale>/`` with :mod:`diffusion.generate` (so a sweep resumes
 after an interruption), then the images are scored against the reference images with
-:class:`diffusion.metrics.ImageMetrics`. Results go to ``out_dir/results.json`` (schema in ``docs/eval.md``)
+:class:`diffusion.metrics.ImageMetrics`. Results go to ``out_dir/results.json`` (schema in the README, "Evaluation")
 and ``out_dir/curve.png``.
 
 Reference images are centre-cropped to a square and, with ``match_resolution`` (default), resized to the

@@ -269,7 +269,7 @@ def build_image_caption_dataloader(batch_size: int,
 
     Returns:
         A ``composer.core.DataSpec`` whose batches are dicts (see the module docstring of
-        ``diffusion.data.dataset`` and docs/data.md).
+        ``diffusion.data.dataset`` and the README, "Data").
     """
     from composer.core import DataSpec
 

@@ -54,7 +54,7 @@ from diffusion.data.sanitize import SkipSample
 
 log = logging.getLogger(__name__)
 
-# The column schema of every converted dataset (see docs/data.md).
+# The column schema of every converted dataset (see the README, "MDS column schema").
 DEFAULT_COLUMNS: dict[str, str] = {
     'image': 'jpeg',
     'caption': 'str',
