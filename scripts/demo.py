@@ -57,9 +57,9 @@ def _read_json(path: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--per-source', type=int, default=300, help='images per source in the mini catalog')
-    parser.add_argument('--autoencoder-steps', type=int, default=600)
-    parser.add_argument('--diffusion-steps', type=int, default=400)
+    parser.add_argument('--per-source', type=int, default=200, help='images per source in the mini catalog')
+    parser.add_argument('--autoencoder-steps', type=int, default=300)
+    parser.add_argument('--diffusion-steps', type=int, default=300)
     parser.add_argument('--captioner', default=None, help='an image-to-text model folder to telephone captions')
     parser.add_argument('--force', action='store_true', help='redo every step')
     args = parser.parse_args()
@@ -120,19 +120,22 @@ def main() -> None:
     summary = _read_json(run / 'checkpoints' / 'summary.json')
     evaluation = _read_json(run / 'eval' / 'results.json')
     print('\n================ demo summary ================')
-    print(f'total time: {time.time() - start:.0f} s  (per step: {json.dumps({k: round(v) for k, v in times.items()})})')
+    print(f'total time: {time.time() - start:.0f} s  (per step, s: {json.dumps({k: round(v) for k, v in times.items()})}; '
+          'steps done earlier were skipped: --force redoes them)')
     if report:
         print(f'catalog: kept {report.get("kept")} images {report.get("splits")}, skipped '
               f'{report.get("skipped_by_reason")} -> {catalog} (licences and creators: attribution.csv)')
     if scaling:
-        print(f'autoencoder: latent scaling factor {scaling.get("scaling_factor")} -> {vae}')
+        print(f'autoencoder: latent scaling factor {scaling.get("scaling_factor", 0):.4f} -> {vae}')
     for key in ('metrics/eval/ValidationLoss',):
         first, last = (summary.get('first') or {}).get(key), (summary.get('last') or {}).get(key)
         if first and last:
             print(f'diffusion: validation loss {first[1]:.4f} (batch {first[0]}) -> {last[1]:.4f} (batch {last[0]})')
     for row in evaluation.get('results', []):
-        print(f"eval: guidance {row.get('guidance_scale')}: FID {row.get('fid')}, KID {row.get('kid_mean')}, "
-              f"CLIP score {row.get('clip_score')}")
+        clip = row.get('clip_score')
+        print(f"eval: guidance {row.get('guidance_scale')}: FID {row.get('fid', float('nan')):.1f}, "
+              f"KID {row.get('kid_mean', float('nan')):.4f}, CLIP score "
+              f"{'unavailable (no CLIP checkpoint)' if clip is None else f'{clip:.2f}'}")
     print(f'open: {run}/samples/ (grids during training), {run}/generate/contact_sheet.png, '
           f'{run}/eval/ (JSON + curve), {out}/demo-autoencoder/reconstructions/, {run}/pipeline/ (diffusers)')
 
