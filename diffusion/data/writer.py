@@ -369,6 +369,8 @@ def run_conversion(fn: Callable[[Any], dict[str, Any]],
     try:
         if workers > 1:
             import multiprocessing
+            # fork, so ``fn`` need not be picklable. Call this from a process that has not yet run torch's thread
+            # pools (the convert/ CLIs): forking after threads have started can deadlock the children.
             pool = multiprocessing.get_context('fork').Pool(workers)
             results: Iterable[tuple[str, Any]] = pool.imap(_call_worker_fn, pending, chunksize=chunksize)
         else:
