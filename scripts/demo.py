@@ -120,8 +120,9 @@ def main() -> None:
     summary = _read_json(run / 'checkpoints' / 'summary.json')
     evaluation = _read_json(run / 'eval' / 'results.json')
     print('\n================ demo summary ================')
-    print(f'total time: {time.time() - start:.0f} s  (per step, s: {json.dumps({k: round(v) for k, v in times.items()})}; '
-          'steps done earlier were skipped: --force redoes them)')
+    skipped = [k for k, v in times.items() if v == 0.0]
+    print(f'total time: {time.time() - start:.0f} s  (per step, s: {json.dumps({k: round(v) for k, v in times.items()})})'
+          + (f'; done earlier, skipped: {skipped} (--force redoes them)' if skipped else ''))
     if report:
         print(f'catalog: kept {report.get("kept")} images {report.get("splits")}, skipped '
               f'{report.get("skipped_by_reason")} -> {catalog} (licences and creators: attribution.csv)')
