@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence, Union
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-__all__ = ['ConfigError', 'TrainConfig', 'load_config', 'save_config', 'to_container', 'validate']
+__all__ = ['ConfigError', 'TrainConfig', 'cli_config', 'load_config', 'save_config', 'to_container', 'validate']
 
 
 class ConfigError(ValueError):
@@ -191,3 +191,28 @@ def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = 
     raw = to_container(cfg)
     raw.pop('variables', None)
     return validate(raw, schema)
+
+
+def cli_config(argv: Optional[Sequence[str]], usage: str, schema: Optional[type] = None) -> tuple[Any, int]:
+    """The shared front of the ``run*.py`` commands: ``PROG CONFIG.yaml [key.path=value ...]``.
+
+    Args:
+        argv: Arguments after the program name (default ``sys.argv[1:]``).
+        usage: The usage line printed for ``-h`` / ``--help`` or a missing config.
+        schema: The config dataclass (default :class:`TrainConfig`).
+
+    Returns:
+        ``(config, 0)``, or ``(None, status)`` after printing why: 0 for help, 2 for a usage or config error.
+    """
+    import logging
+    import sys
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ('-h', '--help'):
+        print(f'usage: {usage}')
+        return None, 0 if argv else 2
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+    try:
+        return load_config(argv[0], argv[1:], schema=schema), 0
+    except ConfigError as err:
+        print(f'config error: {err}', file=sys.stderr)
+        return None, 2

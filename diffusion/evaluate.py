@@ -235,14 +235,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """``run_eval.py YAML [key=value ...]``: prints a table and the JSON path; exit status 2 on bad input."""
     import sys
 
-    from diffusion.config import ConfigError, load_config
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ('-h', '--help'):
-        print('usage: python run_eval.py yamls/eval/CONFIG.yaml [key=value ...]')
-        return 0 if argv else 2
-    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+    from diffusion.config import ConfigError, cli_config
+    cfg, status = cli_config(argv, 'python run_eval.py yamls/eval/CONFIG.yaml [key=value ...]', EvalConfig)
+    if cfg is None:
+        return status
     try:
-        cfg = load_config(argv[0], argv[1:], schema=EvalConfig)
         results = evaluate(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f'error: {err}', file=sys.stderr)

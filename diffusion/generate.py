@@ -256,14 +256,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """``run_generate.py YAML [key=value ...]``: exit status 2 with a readable message on a config error."""
     import sys
 
-    from diffusion.config import ConfigError, load_config
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ('-h', '--help'):
-        print('usage: python run_generate.py yamls/generate/CONFIG.yaml [key=value ...]')
-        return 0 if argv else 2
-    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+    from diffusion.config import ConfigError, cli_config
+    cfg, status = cli_config(argv, 'python run_generate.py yamls/generate/CONFIG.yaml [key=value ...]',
+                             GenerateConfig)
+    if cfg is None:
+        return status
     try:
-        cfg = load_config(argv[0], argv[1:], schema=GenerateConfig)
         summary = run(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f'error: {err}', file=sys.stderr)

@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from diffusion.config import ConfigError, TrainConfig, load_config, save_config
+from diffusion.config import ConfigError, TrainConfig, cli_config, load_config, save_config
 
 log = logging.getLogger(__name__)
 
@@ -227,16 +227,10 @@ def train(cfg: TrainConfig) -> Any:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``run.py YAML [key.path=value ...]``: exit status 2 with a readable message on a config error."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ('-h', '--help'):
-        print('usage: composer run.py yamls/CONFIG.yaml [key.path=value ...]')
-        return 0 if argv else 2
-    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
-    try:
-        cfg = load_config(argv[0], argv[1:])  # fast: a typo is reported before the heavy imports
-    except ConfigError as err:
-        print(f'config error: {err}', file=sys.stderr)
-        return 2
+    # A typo is reported here, before the heavy imports.
+    cfg, status = cli_config(argv, 'composer run.py yamls/CONFIG.yaml [key.path=value ...]')
+    if cfg is None:
+        return status
     from diffusion.registry import UnknownComponentError
     try:
         train(cfg)
