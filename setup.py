@@ -8,7 +8,8 @@ setup(
     description='Recipes for training text-to-image diffusion models on Creative-Commons images with '
     'MosaicML Composer and Streaming.',
     python_requires='>=3.11,<3.12',
-    packages=['diffusion', 'diffusion.models', 'diffusion.data', 'diffusion.callbacks'],
+    packages=['diffusion', 'diffusion.models', 'diffusion.data', 'diffusion.evaluation', 'diffusion.export',
+              'diffusion.callbacks'],
     package_dir={'diffusion': 'diffusion', 'diffusion.callbacks': 'callbacks'},
     package_data={'diffusion.data': ['*.json']},
     # Compatible ranges; the exact, fully pinned set is requirements/lock.txt.

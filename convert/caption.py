@@ -22,7 +22,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from diffusion.captioning import DEFAULT_GENERATION, DEFAULT_MODEL, Captioner, GenerationSettings, degenerate_reason
+from diffusion.data.captioning import DEFAULT_GENERATION, DEFAULT_MODEL, Captioner, GenerationSettings, degenerate_reason
 
 log = logging.getLogger('caption')
 
@@ -73,7 +73,7 @@ def _model_tag(model: str) -> str:
 
 
 class CaptionRows:
-    """The row function for :func:`diffusion.mds_rows.map_dataset`: caption a batch of rows."""
+    """The row function for :func:`diffusion.data.mds_rows.map_dataset`: caption a batch of rows."""
 
     def __init__(self, captioner: Captioner, args: argparse.Namespace) -> None:
         self.captioner = captioner
@@ -115,7 +115,7 @@ class CaptionRows:
 
 def count_status(out: Path, splits: list[str]) -> dict[str, dict[str, int]]:
     """``caption_status`` counts per split, read back from the written dataset (so resumed runs count too)."""
-    from diffusion.mds_rows import RowReader
+    from diffusion.data.mds_rows import RowReader
     counts = {}
     for split in splits:
         reader = RowReader(out, split)
@@ -127,7 +127,7 @@ def count_status(out: Path, splits: list[str]) -> dict[str, dict[str, int]]:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
     args = parse_args(argv)
-    from diffusion.mds_rows import find_splits, map_dataset
+    from diffusion.data.mds_rows import find_splits, map_dataset
     splits = args.splits if args.splits else find_splits(args.src)
     generation = GenerationSettings(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                                     num_beams=args.num_beams, do_sample=args.sample, temperature=args.temperature,

@@ -4,7 +4,7 @@
 
 UNet models without added conditioning become a ``StableDiffusionPipeline``, SDXL-style ones a
 ``StableDiffusionXLPipeline``; load the folder with ``diffusers.DiffusionPipeline.from_pretrained(OUT)``.
-See ``diffusion/pipelines.py`` for what is matched so the pipeline reproduces ``LatentDiffusion.generate``.
+See ``diffusion/export/to_diffusers.py`` for what is matched so the pipeline reproduces ``LatentDiffusion.generate``.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import argparse
 import logging
 import sys
 
-from diffusion.checkpoint import WEIGHT_CHOICES, load_model
-from diffusion.pipelines import ExportError, export_pipeline
+from diffusion.export.checkpoint import WEIGHT_CHOICES, load_model
+from diffusion.export.to_diffusers import ExportError, export_pipeline
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -11,7 +11,7 @@ New columns per row: ``latents_<res>`` (C, res/f, res/f) fp16 for each resolutio
 column is kept (images byte for byte). Also written once: ``empty_caption.safetensors`` (the empty caption's
 states, for caption dropout at train time) and ``latents.json`` (scaling factor, shapes, encoders).
 
-Latents are stored RAW (unscaled posterior means); the diffusion model scales them once. See diffusion/latents.py.
+Latents are stored RAW (unscaled posterior means); the diffusion model scales them once. See diffusion/data/precompute.py.
 """
 from __future__ import annotations
 
@@ -52,12 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_encoder(args: argparse.Namespace, device: str) -> Any:
-    """The :class:`diffusion.latents.LatentEncoder` the arguments describe."""
+    """The :class:`diffusion.data.precompute.LatentEncoder` the arguments describe."""
     import torch
 
     import diffusion.models  # noqa: F401  (registers the autoencoder and text encoder builders)
     from diffusion import registry
-    from diffusion.latents import LatentEncoder
+    from diffusion.data.precompute import LatentEncoder
     ae = registry.build(registry.autoencoders, {'name': 'autoencoder_kl', 'pretrained': args.vae,
                                                 'subfolder': args.vae_subfolder,
                                                 'scaling_factor': args.scaling_factor}, '--vae')
@@ -72,7 +72,7 @@ def build_encoder(args: argparse.Namespace, device: str) -> Any:
 
 
 class EncodeRows:
-    """The row function for :func:`diffusion.mds_rows.map_dataset`."""
+    """The row function for :func:`diffusion.data.mds_rows.map_dataset`."""
 
     def __init__(self, encoder: Any) -> None:
         self.encoder = encoder
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
     args = parse_args(argv)
     from diffusion.data.writer import write_json_atomic
-    from diffusion.mds_rows import find_splits, map_dataset, rank_and_world
+    from diffusion.data.mds_rows import find_splits, map_dataset, rank_and_world
     splits = args.splits if args.splits else find_splits(args.src)
     rank, _ = rank_and_world()
     encoder = build_encoder(args, _device(args.device))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from diffusion.captioning import Captioner, center_crop_resize, clean_caption, degenerate_reason
+from diffusion.data.captioning import Captioner, center_crop_resize, clean_caption, degenerate_reason
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,7 +112,7 @@ def _caption_main(args: list[str]) -> int:
 
 
 def test_caption_cli_end_to_end(tiny_blip2, demo_photos, tmp_path):
-    from diffusion.mds_rows import RowReader, find_splits
+    from diffusion.data.mds_rows import RowReader, find_splits
     out = tmp_path / 'captioned'
     # Random weights write word salad; relax the repetition filter so some captions pass, and keep the
     # default filters in a second run below to see them count rejections.

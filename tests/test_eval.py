@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from diffusion.config import load_config
-from diffusion.evaluate import EvalConfig, evaluate, load_reference
-from diffusion.metrics import ImageMetrics, clean_resize, load_clip_score
+from diffusion.evaluation.evaluate import EvalConfig, evaluate, load_reference
+from diffusion.evaluation.metrics import ImageMetrics, clean_resize, load_clip_score
 from test_export import trained_run
 
 REPO = Path(__file__).resolve().parents[1]

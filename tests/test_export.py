@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from diffusion.checkpoint import load_checkpoint_state, load_model, model_weights
+from diffusion.export.checkpoint import load_checkpoint_state, load_model, model_weights
 
 REPO = Path(__file__).resolve().parents[1]
 _RUNS: dict = {}
@@ -87,7 +87,7 @@ def _compare(model, pipe, prompts, negative_prompt=None, sampler='ddim', **kw):
 def test_export_sd_reproduces_generate(loaded, tmp_path):
     from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
-    from diffusion.pipelines import export_pipeline
+    from diffusion.export.to_diffusers import export_pipeline
     model, info = loaded
     out = export_pipeline(model, tmp_path / 'pipe', sampler='ddim', metadata=info.as_dict())
     assert not [p for p in out.rglob('*') if p.suffix in ('.bin', '.pt', '.ckpt')]
@@ -115,7 +115,7 @@ def test_export_sdxl_reproduces_generate(tmp_path):
     from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
 
     from diffusion import registry
-    from diffusion.pipelines import export_pipeline
+    from diffusion.export.to_diffusers import export_pipeline
     from diffusion.train import import_components
     import_components()
     model = registry.build(registry.models, {
@@ -137,7 +137,7 @@ def test_export_sdxl_reproduces_generate(tmp_path):
 
 
 def test_export_refuses_what_diffusers_cannot_reproduce(loaded):
-    from diffusion.pipelines import ExportError, to_diffusers_pipeline
+    from diffusion.export.to_diffusers import ExportError, to_diffusers_pipeline
     model, _ = loaded
     model.use_text_mask = True
     try:

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from diffusion.config import ConfigError, load_config
-from diffusion.generate import GenerateConfig, generate_images, main, read_prompts, run
+from diffusion.evaluation.generate import GenerateConfig, generate_images, main, read_prompts, run
 from test_export import trained_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def test_generate_writes_pngs_manifest_and_sheet(gen_run):
     with Image.open(out / 'contact_sheet.png') as sheet:
         assert sheet.size[0] >= 2 * 32
     # Resumed images are byte-for-byte the images a fresh run makes: seeds are per image, not per batch.
-    from diffusion.checkpoint import load_model
+    from diffusion.export.checkpoint import load_model
     model, _ = load_model(cfg.checkpoint)
     again = generate_images(model, ['coffee in a cup'], [12], guidance_scale=3.0, num_inference_steps=2,
                             sampler='ddim', height=32, width=32)[0]

@@ -55,7 +55,7 @@ def _loader(local: Path, split: str, **kw):
 def test_columns_shapes_and_files(precomputed, demo_photos):
     from safetensors.torch import load_file
 
-    from diffusion.mds_rows import RowReader, find_splits
+    from diffusion.data.mds_rows import RowReader, find_splits
     meta = json.loads((precomputed / 'latents.json').read_text())
     assert meta['scaling_factor'] == pytest.approx(SCALE)
     assert meta['columns'][f'latents_{RES}'] == f'ndarray:float16:4,{RES // 4},{RES // 4}'
@@ -115,7 +115,7 @@ def test_model_sees_same_latents_online_and_precomputed(precomputed, demo_photos
 def test_ranks_merge_and_resume(precomputed, demo_photos, tiny_vae, tmp_path):
     """Two ranks (run one after the other without torch.distributed) write the same rows as one rank; a re-run
     resumes with nothing to do; other arguments are refused."""
-    from diffusion.mds_rows import RowReader, find_splits, map_dataset
+    from diffusion.data.mds_rows import RowReader, find_splits, map_dataset
     cli = _cli()
     argv = ['--src', str(demo_photos), '--out', str(tmp_path), '--vae', str(tiny_vae), '--resolutions', str(RES),
             '16', '--batch-size', '4', '--commit-every', '5', '--device', 'cpu']

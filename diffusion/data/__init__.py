@@ -1,10 +1,12 @@
-"""Data: licence-aware conversion to MDS shards and the one streaming image-caption dataset.
+"""Data: building datasets (catalog, conversion, captions, precomputed latents) and loading them for training.
 
-Modules: ``sanitize`` (the image-sanitising function and caption checks), ``licenses`` (licence ids
-and the commercial / noncommercial / all sets), ``writer`` (the shared resumable MDS writer),
-``sources`` (per-source fetch and parse code for the mini catalog), ``demo`` (a tiny set of real
-photos shipped by installed packages) and ``dataset`` (``StreamingImageCaptionDataset`` and the
-``image_caption`` dataloader builder, registered when ``diffusion.data.dataset`` is imported).
+Preparing data: ``sanitize`` (the image-sanitising function and caption checks), ``licenses`` (licence ids and
+the commercial / noncommercial / all sets), ``writer`` (the shared resumable MDS writer), ``sources`` (per-source
+fetch and parse code for the mini catalog), ``demo_photos`` (a tiny set of real photos shipped by installed
+packages), ``mds_rows`` (derive a dataset from another row by row, across ranks), ``captioning`` (telephoning:
+synthetic captions from a pretrained captioner) and ``precompute`` (autoencoder latents and text states).
+Loading: ``dataset`` (``StreamingImageCaptionDataset`` and the ``image_caption`` dataloader builder, registered
+when ``diffusion.data.dataset`` is imported).
 
 Attributes are imported lazily so that converters do not pay for torch or composer imports they do
 not need.
@@ -15,7 +17,7 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    'build_demo_photos': 'diffusion.data.demo',
+    'build_demo_photos': 'diffusion.data.demo_photos',
     'DatasetWriter': 'diffusion.data.writer',
     'run_conversion': 'diffusion.data.writer',
     'SkipSample': 'diffusion.data.sanitize',

@@ -3,9 +3,9 @@
 ``python run_eval.py yamls/eval/tiny-cpu.yaml [key=value ...]``
 
 For every guidance scale the model generates one image per prompt (by default: the captions of the reference
-split, COCO-30K style) into ``out_dir/generated/g<scale>/`` with :mod:`diffusion.generate` (so a sweep resumes
+split, COCO-30K style) into ``out_dir/generated/g<scale>/`` with :mod:`diffusion.evaluation.generate` (so a sweep resumes
 after an interruption), then the images are scored against the reference images with
-:class:`diffusion.metrics.ImageMetrics`. Results go to ``out_dir/results.json`` (schema in the README, "Evaluation")
+:class:`diffusion.evaluation.metrics.ImageMetrics`. Results go to ``out_dir/results.json`` (schema in the README, "Evaluation")
 and ``out_dir/curve.png``.
 
 Reference images are centre-cropped to a square and, with ``match_resolution`` (default), resized to the
@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 import torch
 from PIL import Image
 
-from diffusion.metrics import ImageMetrics, inception_path
+from diffusion.evaluation.metrics import ImageMetrics, inception_path
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +129,8 @@ def load_folder(path: str | Path, limit: Optional[int] = None) -> tuple[list[Ima
 # The sweep
 # ---------------------------------------------------------------------------------------------
 def _generate_sweep(cfg: EvalConfig, prompts: Sequence[str]) -> tuple[dict[float, Path], dict[str, Any], int]:
-    from diffusion.checkpoint import load_model
-    from diffusion.generate import default_size, generate_to_folder
+    from diffusion.export.checkpoint import load_model
+    from diffusion.evaluation.generate import default_size, generate_to_folder
     device = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     model, info = load_model(cfg.checkpoint, cfg.config, cfg.weights, device=device,
                              allow_unsafe=cfg.allow_unsafe_pickle, overrides=tuple(cfg.model_overrides))
@@ -166,7 +166,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         folders, ckpt_info, gen_size = {None: Path(cfg.generated)}, None, None
     else:
         if cfg.prompts is not None:
-            from diffusion.generate import read_prompts
+            from diffusion.evaluation.generate import read_prompts
             prompts = read_prompts(cfg.prompts, cfg.prompt_column, cfg.num_images)
         elif all(captions):
             prompts = [str(c) for c in captions]
