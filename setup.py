@@ -9,6 +9,7 @@ setup(
     'MosaicML Composer and Streaming.',
     python_requires='>=3.11,<3.12',
     packages=['diffusion', 'diffusion.models', 'diffusion.data', 'diffusion.evaluation', 'diffusion.export',
+              'diffusion.algorithms',
               'diffusion.callbacks'],
     package_dir={'diffusion': 'diffusion', 'diffusion.callbacks': 'callbacks'},
     package_data={'diffusion.data': ['*.json']},

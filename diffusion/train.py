@@ -26,6 +26,7 @@ COMPONENT_MODULES = (
     'diffusion.schedules',
     'diffusion.models',
     'diffusion.data.dataset',
+    'diffusion.algorithms',
     'diffusion.callbacks',
 )
 
