@@ -328,12 +328,16 @@ def test_yfcc_filter(tmp_path):
     report = yfcc_filter.main(['--metadata', str(metadata), '--out', str(out), '--license-set', 'noncommercial',
                                '--split-sets'])
     table = pq.read_table(out).to_pylist()
-    assert [r['key'] for r in table] == ['1001', '1002', '1003']
+    assert [r['photo_id'] for r in table] == ['1001', '1002', '1003']
     assert table[0]['caption'] == 'Photo number 1' and table[0]['creator'] == 'some user'
+    # the original-size URL first (secret_original + extension), the standard one as fallback
+    assert table[0]['url'] == 'http://farm1.staticflickr.com/1001_so_o.jpg'
+    assert table[0]['fallback_url'] == 'http://farm1.staticflickr.com/1.jpg'
+    assert table[0]['license'] == 'CC-BY-2.0' and table[0]['license_url'].endswith('/by/2.0/')
     assert (table[0]['width'], table[0]['height']) == (1024, 768)
     assert report['dropped'] == {'license_nd': 2, 'video': 1, 'license_all-rights-reserved': 1}
-    assert [r['key'] for r in pq.read_table(tmp_path / 'list.commercial.parquet').to_pylist()] == ['1001', '1002']
-    assert [r['key'] for r in pq.read_table(tmp_path / 'list.noncommercial.parquet').to_pylist()] == ['1003']
+    assert [r['photo_id'] for r in pq.read_table(tmp_path / 'list.commercial.parquet').to_pylist()] == ['1001', '1002']
+    assert [r['photo_id'] for r in pq.read_table(tmp_path / 'list.noncommercial.parquet').to_pylist()] == ['1003']
     small = yfcc_filter.main(['--metadata', str(metadata), '--out', str(tmp_path / 'min.csv'),
                               '--license-set', 'commercial', '--min-size', '512'])
     assert small['kept'] == 1 and small['dropped']['size_unknown'] == 1
