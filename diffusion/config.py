@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +23,7 @@ from typing import Any, Optional, Sequence, Union
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-__all__ = ['ConfigError', 'TrainConfig', 'cli_config', 'load_config', 'save_config', 'to_container', 'validate']
+__all__ = ['ConfigError', 'TrainConfig', 'check_data_paths', 'cli_config', 'time_string_error', 'load_config', 'save_config', 'to_container', 'validate']
 
 
 class ConfigError(ValueError):
@@ -46,6 +48,7 @@ class TrainConfig:
     # Run identity and reproducibility.
     run_name: Optional[str] = None
     seed: int = 17
+    deterministic_mode: bool = False  # composer's deterministic algorithms: a killed+resumed run is bit-exact
     # Batching, evaluation.
     device_train_microbatch_size: Optional[Any] = None  # int, or 'auto' on GPU; None = whole device batch
     device_eval_batch_size: Optional[int] = None
@@ -72,6 +75,9 @@ class TrainConfig:
     log_to_console: bool = True
     progress_bar: bool = False
     python_log_level: Optional[str] = 'info'
+    # Dry run: validate and build on the meta device, print parameters, FLOPs and the cost (no data, no weights).
+    dry_run: bool = False
+    throughput: Optional[dict[str, Any]] = None  # {gpu, images_per_second, num_gpus, usd_per_gpu_hour} (dry run)
     # Shared values for interpolation (removed after resolution).
     variables: dict[str, Any] = field(default_factory=dict)
 
@@ -109,6 +115,61 @@ def _check_type(key: str, value: Any, tp: Any) -> None:
         return
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
         raise ConfigError(f'config key `{key}` must be of type {_describe(tp)}, got {type(value).__name__}: {value!r}')
+
+
+# Composer's time units (composer.core.time.TimeUnit); parsed here so a typo fails before the slow imports.
+_TIME_UNITS = ('ep', 'ba', 'sp', 'tok', 'dur', 'iter', 'sec')
+_TIME_RE = re.compile(r'^(.+?)(' + '|'.join(_TIME_UNITS) + r')$', flags=re.IGNORECASE)
+TIME_KEYS = ('max_duration', 'eval_interval', 'save_interval', 'console_log_interval')
+
+
+def time_string_error(value: str) -> Optional[str]:
+    """Why ``value`` is not a composer time string (as ``Time.from_timestring`` parses it), or None if it is."""
+    match = _TIME_RE.match(value.strip())
+    accepted = (f'a number followed by one of {list(_TIME_UNITS)} (e.g. 550000ba, 10ep, 0.5dur; only dur may '
+                f'be fractional)')
+    if not match:
+        return f'invalid time string {value!r}: expected {accepted}'
+    try:
+        number = float(match.group(1))
+    except ValueError:
+        return f'invalid time string {value!r}: {match.group(1)!r} is not a number; expected {accepted}'
+    if match.group(2).lower() != 'dur' and int(number) != number:
+        return f'invalid time string {value!r}: {match.group(2)} needs a whole number; expected {accepted}'
+    return None
+
+
+def _loader_folders(block: dict[str, Any], where: str) -> list[tuple[str, str]]:
+    """(config path, folder) of every local-only dataset a loader block reads (no ``remote``: must exist)."""
+    streams = block.get('streams')
+    entries = [(where, block)]
+    if isinstance(streams, dict):
+        entries = [(f'{where}.streams.{k}', v) for k, v in streams.items()]
+    elif isinstance(streams, list):
+        entries = [(f'{where}.streams[{i}]', v) for i, v in enumerate(streams)]
+    out = []
+    for path, entry in entries:
+        if not isinstance(entry, dict) or entry.get('remote') or not entry.get('local'):
+            continue
+        split = entry.get('split', block.get('split'))
+        out.append((f'{path}.local', os.path.join(str(entry['local']), str(split)) if split else str(entry['local'])))
+    return out
+
+
+def check_data_paths(cfg: Any) -> None:
+    """A local dataset folder (no ``remote:``) that does not exist is a config error naming its key.
+
+    Raises:
+        ConfigError: Naming the loader key and the missing folder.
+    """
+    for name in ('train_loader', 'eval_loader'):
+        block = getattr(cfg, name, None)
+        if not isinstance(block, dict):
+            continue
+        for key, folder in _loader_folders(block, name):
+            if not os.path.isdir(folder):
+                raise ConfigError(f'`{key}`: dataset folder {folder!r} does not exist (give an existing MDS '
+                                  f'folder, or a `remote:` to download from with `local:` as its cache)')
 
 
 def _merge(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
@@ -152,6 +213,8 @@ def validate(raw: dict[str, Any], schema: type = None) -> Any:
     hints = typing.get_type_hints(schema)
     for name, value in raw.items():
         _check_type(name, value, hints[name])
+        if name in TIME_KEYS and isinstance(value, str) and time_string_error(value):
+            raise ConfigError(f'config key `{name}`: {time_string_error(value)}')
     for name in ('model', 'train_loader', 'optimizer', 'eval_loader', 'scheduler'):
         block = raw.get(name) if name in fields else None
         if isinstance(block, dict) and 'name' not in block:

@@ -8,8 +8,12 @@ dataloaders, all with llm-foundry's registry utilities.
 """
 from __future__ import annotations
 
+import difflib
+import importlib
 import inspect
-from typing import Any, Callable
+import types
+import typing
+from typing import Any, Callable, Optional, Union
 
 from composer import algorithms as composer_algorithms
 from llmfoundry import registry as foundry_registry
@@ -72,26 +76,164 @@ REGISTRIES: dict[str, TypedRegistry] = {
 
 
 class UnknownComponentError(ValueError):
-    """A config named a component that no registry holds."""
+    """A config named a component that no registry holds, or gave it an argument it does not take."""
 
 
-def _check_kwargs(ctor: Callable[..., Any], kwargs: dict[str, Any], where: str, name: str) -> None:
-    """Reject keyword arguments the constructor does not take, naming them and the accepted ones."""
+# Builders that take ``**kwargs`` and pass them on: the callables whose parameters those kwargs may name
+# ("module:attr" strings, imported only when a block is checked), plus extra accepted names. Keyed by
+# (registry namespace, registered name). Without this, a typo such as ``train_loader.shufle`` would slip through
+# ``**kwargs`` and fail deep inside the library, or be silently ignored.
+KWARGS_TARGETS: dict[tuple[str, str], tuple[tuple[str, ...], tuple[str, ...]]] = {
+    ('models', 'latent_diffusion'): (('diffusion.models.latent_diffusion:LatentDiffusion',), ()),
+    ('models', 'autoencoder_kl_training'): (('diffusion.models.autoencoder_training:AutoencoderTraining',), ()),
+    ('backbones', 'unet'): (('diffusers:UNet2DConditionModel',), ('pooled_text_dim',)),
+    ('dataloaders', 'image_caption'): (('diffusion.data.dataset:StreamingImageCaptionDataset',
+                                        'streaming:StreamingDataset'), ()),
+}
+
+# Arguments that hold a nested component block, and the registry it is looked up in.
+NESTED_BLOCKS = {'backbone': 'backbones', 'autoencoder': 'autoencoders', 'text_encoder': 'text_encoders',
+                 'noise_schedule': 'noise_schedules'}
+
+
+def declare_kwargs(registry_name: str, name: str, targets: tuple[str, ...], extra: tuple[str, ...] = ()) -> None:
+    """Declare where a ``**kwargs`` builder forwards its keyword arguments (so unknown ones are caught)."""
+    KWARGS_TARGETS[(registry_name, name)] = (targets, extra)
+
+
+def _import(path: str) -> Any:
+    module, attr = path.split(':')
+    return getattr(importlib.import_module(module), attr)
+
+
+def _params(fn: Callable[..., Any]) -> dict[str, inspect.Parameter]:
     try:
-        params = inspect.signature(ctor).parameters
-    except (TypeError, ValueError):  # some builtins have no signature: let the call itself complain
-        return
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise UnknownComponentError(f'{where}: {name!r} does not take argument(s) {unknown}; '
-                                    f'it accepts {accepted}')
+        return dict(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # some builtins have no signature
+        return {}
+
+
+def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
+    """Resolved annotations of ``fn`` (or a class's ``__init__``); {} when they cannot be resolved."""
+    try:
+        return typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
+    except Exception:  # noqa: BLE001 - unresolvable forward references: skip the type check, not the build
+        return {}
+
+
+def _accepted(ctor: Callable[..., Any], registry_name: str, name: str) -> tuple[Optional[list[str]], dict[str, Any]]:
+    """Names ``ctor`` accepts (None: anything) and their annotations, following declared ``**kwargs`` targets."""
+    params = _params(ctor)
+    if not params:
+        return None, {}
+    hints = _hints(ctor)
+    names = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != 'self']
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return names, hints
+    if (registry_name, name) not in KWARGS_TARGETS:
+        return None, hints
+    targets, extra = KWARGS_TARGETS[(registry_name, name)]
+    names += list(extra)
+    for target in map(_import, targets):
+        target_params = _params(target)
+        names += [n for n, p in target_params.items()
+                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in names and n != 'self']
+        hints = {**_hints(target), **hints}
+    return names, hints
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    """Whether a YAML value fits a simple annotation (int, float, bool, str, Optional/Union of them).
+
+    Anything more complex (containers, classes, composer ``Time``) is accepted here and left to the constructor.
+    """
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    return True  # not a simple type: not checked here
+
+
+def _time_error(value: Any, tp: Any) -> Optional[str]:
+    """A message when ``tp`` admits a composer ``Time`` and ``value`` is a string that is not a time string."""
+    if not isinstance(value, str) or 'Time' not in str(tp):
+        return None
+    from diffusion.config import time_string_error
+    return time_string_error(value)
+
+
+def check(registry: TypedRegistry, block: dict[str, Any] | Any, where: str = '', extra: tuple[str, ...] = ()) -> Any:
+    """Check a ``{name: ..., **kwargs}`` block without building it: name, argument names, simple types, nested blocks.
+
+    Args:
+        registry: The registry to look the name up in.
+        block: The block from the config.
+        where: Its config path (e.g. ``model.backbone``), used in messages.
+        extra: Argument names the caller adds (e.g. ``params``, ``batch_size``).
+
+    Returns:
+        The registered constructor.
+
+    Raises:
+        UnknownComponentError: Naming the key, what is wrong and what is accepted.
+    """
+    namespace = '.'.join(registry.namespace)
+    where = where or namespace
+    if not isinstance(block, dict):
+        raise UnknownComponentError(f'{where}: must be a block (a mapping with `name:`), got {block!r}')
+    name = block.get('name')
+    if name is None:
+        raise UnknownComponentError(f'{where}: a component block needs `name:`; '
+                                    f'registered names: {sorted(registry.get_all())}')
+    if name not in registry.get_all():
+        raise UnknownComponentError(f'{where}.name: unknown name {name!r} in registry '
+                                    f'{namespace!r}; registered names: {sorted(registry.get_all())}')
+    ctor = registry.get(name)
+    reg_name = registry.namespace[-1]
+    accepted, hints = _accepted(ctor, reg_name, name)
+    kwargs = {k: v for k, v in block.items() if k != 'name'}
+    if accepted is not None:
+        unknown = sorted(set(kwargs) - set(accepted) - set(extra))
+        if unknown:
+            allowed = sorted(set(accepted) - set(extra))
+            raise UnknownComponentError(f'{where}: {name!r} does not take argument(s) {unknown}'
+                                        f'{_did_you_mean(unknown, allowed)}; it accepts {allowed}')
+    for key, value in kwargs.items():
+        tp = hints.get(key)
+        if tp is not None and not _type_ok(value, tp):
+            raise UnknownComponentError(f'{where}.{key}: expected {_describe(tp)}, got '
+                                        f'{type(value).__name__}: {value!r}')
+        bad_time = _time_error(value, tp)
+        if bad_time:
+            raise UnknownComponentError(f'{where}.{key}: {bad_time}')
+        if key in NESTED_BLOCKS and isinstance(value, dict):
+            check(REGISTRIES[NESTED_BLOCKS[key]], value, f'{where}.{key}')
+    return ctor
+
+
+def _describe(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace('typing.', '').replace('NoneType', 'None')
+
+
+def _did_you_mean(unknown: list[str], accepted: list[str]) -> str:
+    close = {u: difflib.get_close_matches(u, accepted, n=1) for u in unknown}
+    hints = [f'{u!r} -> {c[0]!r}' for u, c in close.items() if c]
+    return f' (did you mean {", ".join(hints)}?)' if hints else ''
 
 
 def build(registry: TypedRegistry, block: dict[str, Any] | Any, where: str = '', **extra: Any) -> Any:
-    """Build a component from a ``{name: ..., **kwargs}`` block.
+    """Build a component from a ``{name: ..., **kwargs}`` block, after :func:`check`.
 
     Args:
         registry: The registry to look the name up in.
@@ -103,18 +245,16 @@ def build(registry: TypedRegistry, block: dict[str, Any] | Any, where: str = '',
         The constructed object.
 
     Raises:
-        UnknownComponentError: If the name is missing or not registered; the message lists the
-            registered names.
+        UnknownComponentError: If the name is missing or not registered (the message lists the registered
+            names), an argument is unknown or ill-typed, or the constructor rejects a value (its ``ValueError``).
     """
+    check(registry, block, where, tuple(extra))
     kwargs = dict(block)
-    name = kwargs.pop('name', None)
-    namespace = '.'.join(registry.namespace)
-    if name is None:
-        raise UnknownComponentError(f'{where or namespace}: a component block needs `name:`; '
-                                    f'registered names: {sorted(registry.get_all())}')
-    if name not in registry.get_all():
-        raise UnknownComponentError(f'{where or namespace}: unknown name {name!r} in registry '
-                                    f'{namespace!r}; registered names: {sorted(registry.get_all())}')
+    name = kwargs.pop('name')
     kwargs.update(extra)
-    _check_kwargs(registry.get(name), kwargs, where or namespace, name)
-    return construct_from_registry(name, registry, partial_function=False, kwargs=kwargs)
+    try:
+        return construct_from_registry(name, registry, partial_function=False, kwargs=kwargs)
+    except UnknownComponentError:
+        raise
+    except ValueError as err:  # a constructor rejecting a config value: report it with the block's path
+        raise UnknownComponentError(f'{where or ".".join(registry.namespace)} ({name!r}): {err}') from err

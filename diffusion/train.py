@@ -5,6 +5,7 @@ algorithms and the callbacks that the config names. ``run.py`` calls :func:`main
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
@@ -15,11 +16,11 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from diffusion.config import ConfigError, TrainConfig, cli_config, load_config, save_config
+from diffusion.config import ConfigError, TrainConfig, check_data_paths, cli_config, load_config, save_config
 
 log = logging.getLogger(__name__)
 
-__all__ = ['import_components', 'build_components', 'build_trainer', 'train', 'main']
+__all__ = ['import_components', 'check_components', 'build_components', 'build_trainer', 'train', 'main']
 
 # Modules whose import registers components by name. Listed once, here.
 COMPONENT_MODULES = (
@@ -86,6 +87,26 @@ def _check_hardware(cfg: TrainConfig) -> str:
     return device
 
 
+def check_components(cfg: TrainConfig) -> None:
+    """Check every component block (names, argument names, simple types, nested blocks) before building any.
+
+    Raises:
+        UnknownComponentError: Naming the block's key, what is wrong and what it accepts.
+    """
+    from diffusion import registry
+    registry.check(registry.models, cfg.model, 'model')
+    registry.check(registry.dataloaders, cfg.train_loader, 'train_loader', ('batch_size',))
+    if cfg.eval_loader is not None:
+        registry.check(registry.dataloaders, cfg.eval_loader, 'eval_loader', ('batch_size',))
+    registry.check(registry.optimizers, cfg.optimizer, 'optimizer', ('params',))
+    if cfg.scheduler:
+        registry.check(registry.schedulers, cfg.scheduler, 'scheduler')
+    for where in ('algorithms', 'callbacks', 'loggers'):
+        reg = getattr(registry, where)
+        for label, kwargs in (getattr(cfg, where) or {}).items():
+            registry.check(reg, {'name': label, **(kwargs or {})}, f'{where}.{label}')
+
+
 def build_components(cfg: TrainConfig, device_batch_size: int = 1) -> dict[str, Any]:
     """Build model, dataloaders, optimizer, scheduler, algorithms, callbacks and loggers from a config.
 
@@ -97,6 +118,7 @@ def build_components(cfg: TrainConfig, device_batch_size: int = 1) -> dict[str, 
         if 'batch_size' in block:
             raise ConfigError(f'{key}.batch_size: set global_train_batch_size (train) or device_eval_batch_size '
                               '(eval) at the top level instead')
+    check_components(cfg)
     model = registry.build(registry.models, cfg.model, 'model')
     train_dl = registry.build(registry.dataloaders, cfg.train_loader, 'train_loader', batch_size=device_batch_size)
     eval_dl = None
@@ -137,7 +159,7 @@ def build_trainer(cfg: TrainConfig) -> Any:
     # Composer's in-memory logger keeps the metric history that train() writes to summary.json.
     from composer.loggers import InMemoryLogger
     parts['loggers'] = parts['loggers'] + [InMemoryLogger()]
-    return Trainer(
+    trainer = Trainer(
         **parts,
         run_name=cfg.run_name,
         seed=cfg.seed,
@@ -164,6 +186,23 @@ def build_trainer(cfg: TrainConfig) -> Any:
         python_log_level=cfg.python_log_level,
         step_schedulers_every_batch=True,
     )
+    # The resolved config as dotted keys, for trackers (MLflow params, W&B config, ...).
+    trainer.logger.log_hyperparameters(_flat(dataclasses.asdict(cfg)))
+    from diffusion.algorithms.speedup_report import report_speedups
+    report_speedups(trainer, cfg.precision, _device_batch_size(cfg, dist.get_world_size()),
+                    cfg.device_train_microbatch_size, cfg.fsdp_config)
+    return trainer
+
+
+def _flat(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+    """``{'a': {'b': 1}}`` -> ``{'a.b': 1}`` (lists stay values)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f'{prefix}{key}.'))
+        else:
+            out[f'{prefix}{key}'] = value
+    return out
 
 
 def _history(trainer: Any) -> dict[str, list[list[float]]]:
@@ -232,6 +271,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg, status = cli_config(argv, 'composer run.py yamls/CONFIG.yaml [key.path=value ...]')
     if cfg is None:
         return status
+    try:
+        check_data_paths(cfg)
+    except ConfigError as err:
+        print(f'config error: {err}', file=sys.stderr)
+        return 2
     from diffusion.registry import UnknownComponentError
     try:
         train(cfg)

@@ -89,3 +89,63 @@ def test_composer_components_build():
     assert isinstance(registry.build(registry.schedulers, {'name': 'cosine_with_warmup', 't_warmup': '2ba'}),
                       CosineAnnealingWithWarmupScheduler)
     assert isinstance(registry.build(registry.algorithms, {'name': 'ema', 'half_life': '10ba'}), EMA)
+
+
+# ------------------------------------------------------------------------------------------------
+# Every mistake a user makes on the command line: exit status 2, one message naming the key, no traceback.
+# ------------------------------------------------------------------------------------------------
+MISTAKES = [
+    # (override, words the message must hold)
+    ('max_duration=abc', ['max_duration', "'abc'", "'ba'"]),
+    ('eval_interval=7xx', ['eval_interval', "'7xx'", "'ep'"]),
+    ('save_interval=1.5ba', ['save_interval', 'whole number']),
+    ('variables.data=/nonexistent', ['train_loader.local', '/nonexistent', 'does not exist']),
+    ('model.backbone.prest=mini-s', ['model.backbone', "'prest'", "'preset'"]),
+    ('model.backbone.preset=mini-x', ['model.backbone', "'mini-x'", 'mini-s']),
+    ('train_loader.shufle=true', ['train_loader', "'shufle'", "'shuffle'"]),
+    ('train_loader.crop=diagonal', ['train_loader', 'diagonal', 'center']),
+    ('train_loader.resolution=big', ['train_loader.resolution', 'int', "'big'"]),
+    ('model.use_txt_mask=true', ['model', "'use_txt_mask'", 'use_text_mask']),
+    ('optimizer.lr=fast', ['optimizer.lr', 'float']),
+    ('scheduler.t_warmup=5bb', ['scheduler.t_warmup', "'5bb'"]),
+    ('callbacks.speed_monitor.window_sise=3', ['callbacks.speed_monitor', "'window_sise'", 'window_size']),
+    ('algorithms={ema: {half_lif: 3ba}}', ['algorithms.ema', "'half_lif'", 'half_life']),
+    ('global_train_batch_size=abc', ['global_train_batch_size', 'int']),
+    ('deterministic_mode=maybe', ['deterministic_mode', 'bool']),
+]
+
+
+@pytest.mark.parametrize('override,words', MISTAKES, ids=[m[0].split('=')[0] for m in MISTAKES])
+def test_every_config_mistake_is_exit_2_naming_the_key(override, words, demo_photos, capsys, repo, monkeypatch):
+    from diffusion.train import main
+    monkeypatch.chdir(repo)
+    status = main(['yamls/tiny-cpu.yaml', f'variables.data={demo_photos}', 'save_folder=null', override])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    lines = [line for line in err.splitlines() if line.startswith('config error:')]
+    assert len(lines) == 1, err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    assert 'Traceback' not in err
+
+
+def test_time_strings_match_composer():
+    from composer.core import Time
+
+    from diffusion.config import time_string_error
+    for good in ('10ba', '2ep', '0.5dur', '3e4tok', '100sp', '7iter', '60sec', '1.0ba'):
+        assert time_string_error(good) is None, good
+        Time.from_timestring(good)
+    for bad in ('abc', '7xx', '1.5ba', 'ba', 'xba', '10'):
+        assert time_string_error(bad) is not None, bad
+        with pytest.raises((ValueError, TypeError)):
+            Time.from_timestring(bad)
+
+
+def test_streams_with_a_missing_folder_are_named(demo_photos, tmp_path):
+    from diffusion.config import check_data_paths
+    streams = [{'local': str(demo_photos), 'split': 'train'}, {'local': str(tmp_path / 'gone'), 'split': 'train'},
+               {'remote': 's3://bucket/x', 'local': str(tmp_path / 'cache')}]
+    cfg = load_config(base={**BASE, 'train_loader': {'name': 'image_caption', 'streams': streams}})
+    with pytest.raises(ConfigError, match=r'train_loader\.streams\[1\]\.local'):
+        check_data_paths(cfg)

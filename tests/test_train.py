@@ -138,6 +138,7 @@ def test_run_py_reports_config_errors():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert 'no_such_key' in proc.stderr and 'Allowed keys' in proc.stderr
+    assert 'Traceback' not in proc.stderr
 
 
 def test_ddp_two_processes_over_gloo(demo_photos, tmp_path):
