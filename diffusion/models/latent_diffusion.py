@@ -143,10 +143,10 @@ class LatentDiffusion(ComposerModel):
             kwargs['time_ids'] = time_ids.to(cond['text_hidden'].device, torch.float32)  # (B, 6)
         return kwargs
 
-    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Raw backbone output for noisy latents ``x_t`` at times ``t``."""
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], **extra: Any) -> Any:
+        """Raw backbone output for noisy latents ``x_t`` at times ``t`` (``extra``: backbone options)."""
         x_in, t_in = self.noise_schedule.network_inputs(x_t, t)
-        return self.backbone(x_in, t_in, **cond)
+        return self.backbone(x_in, t_in, **cond, **extra)
 
     # ------------------------------------------------------------------ composer interface
     def _diffusion_step(self, batch: dict[str, Any], generator: Optional[torch.Generator] = None):
@@ -156,16 +156,41 @@ class LatentDiffusion(ComposerModel):
         t = sched.sample_times(latents.shape[0], device=latents.device, generator=generator)
         noise = sched.noise_like(latents, generator=generator)
         x_t = sched.add_noise(latents, noise, t)
-        pred = self.denoise(x_t, t, cond)
+        # A masking backbone (MicroDiT) trains on a random subset of patches and returns which it removed.
+        masking = self.training and getattr(self.backbone, 'mask_ratio', 0) > 0
+        pred, mask = self.denoise(x_t, t, cond, return_mask=True) if masking else (self.denoise(x_t, t, cond), None)
         target = sched.training_target(latents, noise, x_t, t)
-        return pred, target, sched.loss_weight(t).to(pred.dtype)
+        weight = sched.loss_weight(t).to(pred.dtype)
+        return (pred, target, weight) if mask is None else (pred, target, weight, mask)
 
     def forward(self, batch: dict[str, Any]):
         return self._diffusion_step(batch)
 
+    def param_groups(self, optimizer_cfg: dict[str, Any]) -> list[Any]:
+        """Trainable parameters for the optimizer (``diffusion/train.py`` calls this with the optimizer block).
+
+        A backbone with mixture-of-experts layers (``moe_parameters()``, selected by module type) and a
+        ``moe_lr_scale`` other than 1 gets its experts and routers in a second group at ``lr * moe_lr_scale``
+        (MicroDiT's paper trains them at half the rate).
+        """
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        scale = float(getattr(self.backbone, 'moe_lr_scale', 1.0))
+        moe = [p for p in self.backbone.moe_parameters() if p.requires_grad] \
+            if hasattr(self.backbone, 'moe_parameters') else []
+        if not moe or scale == 1.0:
+            return trainable
+        moe_ids = {id(p) for p in moe}
+        return [{'params': [p for p in trainable if id(p) not in moe_ids]},
+                {'params': moe, 'lr': float(optimizer_cfg['lr']) * scale}]
+
     def loss(self, outputs: Any, batch: Any) -> torch.Tensor:
-        pred, target, weight = outputs
-        per_sample = F.mse_loss(pred.float(), target.float(), reduction='none').mean(dim=(1, 2, 3))  # (B,)
+        pred, target, weight = outputs[:3]
+        squared = F.mse_loss(pred.float(), target.float(), reduction='none')  # (B, C, h, w)
+        if len(outputs) > 3:  # mask (B, h, w), 1 = removed patch: mean over kept patches only (as MicroDiT)
+            keep = 1 - outputs[3].float()
+            per_sample = (squared.mean(dim=1) * keep).sum(dim=(1, 2)) / keep.sum(dim=(1, 2))
+        else:
+            per_sample = squared.mean(dim=(1, 2, 3))  # (B,)
         return (per_sample * weight.float()).mean()
 
     def eval_forward(self, batch: dict[str, Any], outputs: Optional[Any] = None) -> Any:
