@@ -4,11 +4,25 @@ The loop drives a diffusers scheduler exactly as diffusers' own pipelines do
 (``set_timesteps`` -> ``scale_model_input`` -> network -> ``step``) and draws its initial noise
 with diffusers' ``randn_tensor``, so the same seed gives the same latents here and in an exported
 ``StableDiffusionPipeline``.
+
+The generator convention (what makes an image reproducible):
+
+* per-image seeds ``[s_0, s_1, ...]`` become one CPU generator per image,
+  ``torch.Generator().manual_seed(s_i)`` (:func:`image_generators`). Image ``i`` takes its starting
+  noise AND the per-step noise of stochastic samplers (``euler_ancestral``, ``ddpm``, EDM with churn)
+  from its own generator only, so it is the same whatever batch it is made in, and an exported diffusers
+  pipeline called with ``generator=[torch.Generator().manual_seed(s) for s in seeds]`` (diffusers
+  accepts one generator per image) gives the same image;
+* the generators live on the CPU on every device: noise is drawn on the CPU and moved, as diffusers'
+  ``randn_tensor`` does for a CPU generator, so a seed means the same noise on CPU and on CUDA;
+* a single int seed is ONE generator for the whole batch (diffusers' ``generator=Generator().manual_seed(s)``):
+  reproducible, but image ``i`` then depends on the batch it is in.
 """
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+import numbers
+from typing import Callable, Sequence, Union
 
 import torch
 from diffusers import EDMEulerScheduler
@@ -18,6 +32,45 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 DenoiseFn = Callable[[Tensor, Tensor], Tensor]
+Generators = Union[torch.Generator, list[torch.Generator], None]
+
+# Samplers that draw fresh noise at every step (the others only draw the starting noise).
+STOCHASTIC_SAMPLERS = ('ddpm', 'euler_ancestral')
+
+
+# =============================================================================================
+# Seeds -> generators (the convention in the module docstring)
+# =============================================================================================
+
+
+def image_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per image, ``torch.Generator().manual_seed(seed)``, in order."""
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def generators_for(n: int, seed: Union[int, Sequence[int], None] = None,
+                   generator: Generators = None) -> Union[torch.Generator, list[torch.Generator]]:
+    """The generator(s) of a call that makes ``n`` images.
+
+    Args:
+        n: Number of images.
+        seed: One int (one generator for the batch) or ``n`` per-image seeds; default 0.
+        generator: Given generators instead of ``seed``: one for the batch or a list of ``n``.
+
+    Raises:
+        ValueError: Both ``seed`` and ``generator`` are given, or a list's length is not ``n``.
+    """
+    if generator is not None and seed is not None:
+        raise ValueError('give either seed(s) or generator(s), not both')
+    if generator is None:
+        if seed is None or isinstance(seed, numbers.Integral):
+            return torch.Generator().manual_seed(0 if seed is None else int(seed))
+        generator = image_generators(seed)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != n:
+            raise ValueError(f'{len(generator)} seeds / generators for {n} images: give one per image')
+        return list(generator)
+    return generator
 
 # =============================================================================================
 # Classifier-free guidance
@@ -60,7 +113,7 @@ def guidance(pred_uncond: Tensor, pred_cond: Tensor, scale: float, rescale: floa
 
 
 def sample(denoise_fn: DenoiseFn, scheduler, shape: tuple[int, ...], *, num_steps: int,
-           generator: torch.Generator | None = None, device: torch.device | str = 'cpu',
+           generator: Generators = None, device: torch.device | str = 'cpu',
            dtype: torch.dtype = torch.float32, init_noise: Tensor | None = None,
            progress: bool = True) -> Tensor:
     """Run a diffusers scheduler from noise to latents.
@@ -72,7 +125,8 @@ def sample(denoise_fn: DenoiseFn, scheduler, shape: tuple[int, ...], *, num_step
         scheduler: A diffusers ``SchedulerMixin`` (e.g. from ``schedule.make_scheduler(name)``).
         shape: Latent shape ``(B, C, H, W)``.
         num_steps: Number of inference steps.
-        generator: Seeds the initial noise and any stochastic steps; same seed, same latents.
+        generator: Draws the initial noise and the noise of stochastic steps; a list holds one generator
+            per image (see the module docstring), so each image's randomness is its own.
         device: Device of the latents.
         dtype: Dtype of the latents.
         init_noise: Optional unit-variance starting noise of ``shape`` (scaled by
@@ -111,6 +165,8 @@ class EDMHeunScheduler(EDMEulerScheduler):
     Each step from ``sigma_i`` to ``sigma_{i+1}`` takes two network evaluations (an Euler
     predictor, then a trapezoidal corrector); the last step to ``sigma = 0`` is a plain Euler step.
     ``timesteps`` therefore lists ``2 n - 1`` evaluations, in the order the loop must call them.
+    if isinstance(generator, list) and len(generator) != shape[0]:
+        raise ValueError(f'{len(generator)} generators for a batch of {shape[0]}: give one per image')
     Config and preconditioning are those of :class:`diffusers.EDMEulerScheduler`.
     """
 

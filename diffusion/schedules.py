@@ -134,17 +134,27 @@ def eps_from_v(x_t: Tensor, v: Tensor, alpha_bar: Tensor) -> Tensor:
 def min_snr_weight(snr_values: Tensor, gamma: float, prediction_type: str) -> Tensor:
     """Min-SNR-gamma loss weights (Hang et al. 2023, eq. 9 and Sec. 3.4) for the raw-target MSE.
 
-    The x0-space weight ``min(snr, gamma)`` becomes ``min(snr, gamma) / snr`` for an eps target and
-    ``min(snr, gamma) / (snr + 1)`` for a v target. The eps form is written ``min(1, gamma / snr)`` so
-    that a zero terminal SNR gives weight 1 instead of 0/0.
+    The x0-space weight ``min(snr, gamma)`` becomes ``min(snr, gamma) / snr`` for an eps target,
+    ``min(snr, gamma) / (snr + 1)`` for a v target and ``min(snr, gamma)`` for an x0 target.
+
+    At ``snr = 0`` (only the terminal step of a zero-terminal-SNR schedule) every target gets weight 1, its
+    plain, unweighted loss. The formulas' own limits would be 1 for eps but 0 for v and x0, and 0 is wrong:
+    in v terms the min-SNR weight equals the eps loss (``|eps_err|^2 = snr / (snr + 1) |v_err|^2``), which is
+    degenerate at ``snr = 0`` because there ``x_t`` IS the noise. That degeneracy is exactly why Lin et al.
+    2023 (Sec. 3.2) move to v prediction for zero terminal SNR: at ``t = T`` the v target is ``-x0``, the one
+    step that learns the data mean from pure noise, and the first step a trailing-spacing sampler evaluates.
+    Weight 0 would leave that output untrained; weight 1 trains it as Lin et al.'s unweighted v loss does.
+    The eps form is written ``min(1, gamma / snr)`` so that it also gives 1 there instead of 0/0.
     """
     if prediction_type == 'epsilon':
         return (gamma / snr_values).clamp(max=1.0)
     if prediction_type == 'v_prediction':
-        return snr_values.clamp(max=gamma) / (snr_values + 1)
-    if prediction_type == 'sample':
-        return snr_values.clamp(max=gamma)
-    raise ValueError(f'unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}')
+        weight = snr_values.clamp(max=gamma) / (snr_values + 1)
+    elif prediction_type == 'sample':
+        weight = snr_values.clamp(max=gamma)
+    else:
+        raise ValueError(f'unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}')
+    return torch.where(snr_values == 0, torch.ones_like(weight), weight)
 
 
 def offset_noise(x0: Tensor, offset: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
@@ -327,7 +337,11 @@ class EDMSchedule:
     ``(x0 - c_skip x_t) / c_out``; with EDM's ``lambda = 1 / c_out^2`` the loss weight in F-space is 1.
 
     Args:
-        sigma_data: Data standard deviation (0.5 in EDM; MicroDiT uses 0.9 for SD-VAE latents).
+        sigma_data: Standard deviation of the training data, here the SCALED latents. The default 1.0 follows
+            the project's convention: ``LatentDiffusion.scale`` multiplies raw latents by ``scaling_factor``,
+            chosen (SD's 0.18215, or measured from data for our own autoencoder) so that scaled latents have
+            unit variance. EDM's 0.5 is for pixels in [-1, 1]; MicroDiT sets 0.9 for its latents (set it in
+            YAML when your latents' std is not 1).
         p_mean: Mean of ``ln(sigma)`` during training.
         p_std: Standard deviation of ``ln(sigma)`` during training.
         sigma_min: Smallest sampling sigma.
@@ -338,11 +352,14 @@ class EDMSchedule:
 
     prediction_type = 'edm'
 
-    def __init__(self, sigma_data: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2,
-                 sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, offset_noise: float = 0.0):
+    def __init__(self, sigma_data: float = 1.0, p_mean: float = -1.2, p_std: float = 1.2,
+                 sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, offset_noise: float = 0.0,
+                 resolution_shift: float = 1.0):
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f'need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}')
-        self.sigma_data, self.p_mean, self.p_std = sigma_data, p_mean, p_std
+        if sigma_data <= 0:
+            raise ValueError(f'sigma_data must be positive, got {sigma_data}')
+        self.sigma_data, self.base_p_mean, self.p_std = sigma_data, p_mean, p_std
         self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
         self.offset_noise = offset_noise
 

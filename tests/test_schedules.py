@@ -122,12 +122,52 @@ def test_min_snr_weights_match_formula(kind):
     assert torch.equal(DDPMSchedule(prediction_type=kind).loss_weight(t), torch.ones(5))
 
 
-def test_min_snr_with_zero_terminal_snr_is_finite():
-    zero = torch.tensor([0.0, 1.0, 100.0])
-    assert torch.isfinite(min_snr_weight(zero, 5.0, 'epsilon')).all()
-    assert min_snr_weight(zero, 5.0, 'epsilon')[0] == 1.0
+@pytest.mark.parametrize('kind', ['epsilon', 'v_prediction', 'sample'])
+def test_min_snr_terminal_step_of_zero_terminal_snr_gets_weight_one(kind):
+    """At snr = 0 every target takes its plain loss weight 1 (v and x0 would get 0 from the formula)."""
+    gamma = 5.0
+    schedule = DDPMSchedule(prediction_type=kind, loss_weighting='min_snr', min_snr_gamma=gamma,
+                            zero_terminal_snr=True)
+    assert schedule.alphas_cumprod[-1].item() == 0.0
+    t = torch.tensor([999, 998, 500])
+    weights = schedule.loss_weight(t)
+    assert torch.isfinite(weights).all() and weights[0].item() == 1.0
+    s = snr(schedule.alphas_cumprod[t[1:]].double())  # snr > 0: the paper's formula, unchanged
+    expected = {'epsilon': s.clamp(max=gamma) / s, 'v_prediction': s.clamp(max=gamma) / (s + 1),
+                'sample': s.clamp(max=gamma)}[kind]
+    torch.testing.assert_close(weights[1:].double(), expected, rtol=1e-5, atol=0)
+    if kind != 'epsilon':  # the step next to the terminal one is still weighted by its (tiny) snr
+        assert weights[1].item() < 1e-3
     with pytest.raises(ValueError, match='prediction_type'):
-        min_snr_weight(zero, 5.0, 'flow')
+        min_snr_weight(torch.tensor([0.0, 1.0]), gamma, 'flow')
+
+
+def test_min_snr_v_terminal_step_is_trained():
+    """Through the model's loss maths: the terminal v target is -x0 and its weighted error is not zero."""
+    schedule = DDPMSchedule(prediction_type='v_prediction', loss_weighting='min_snr', zero_terminal_snr=True)
+    x0, noise = torch.randn(2, 4, 4, 4, generator=_gen(1)), torch.randn(2, 4, 4, 4, generator=_gen(2))
+    t = torch.tensor([999, 999])
+    x_t = schedule.add_noise(x0, noise, t)
+    torch.testing.assert_close(x_t, noise)
+    target = schedule.training_target(x0, noise, x_t, t)
+    torch.testing.assert_close(target, -x0)
+    weighted = schedule.loss_weight(t) * ((torch.zeros_like(target) - target)**2).mean(dim=(1, 2, 3))
+    assert (weighted > 0.5).all()
+
+
+def test_edm_sigma_data_defaults_to_unit_variance_latents():
+    """Scaled latents have unit variance by the project's convention, so EDM's default sigma_data is 1."""
+    default = EDMSchedule()
+    assert default.sigma_data == 1.0 and default.diffusers_config()['sigma_data'] == 1.0
+    assert EDMSchedule(sigma_data=0.9).sigma_data == 0.9  # MicroDiT's explicit setting is kept
+    with pytest.raises(ValueError, match='sigma_data'):
+        EDMSchedule(sigma_data=0.0)
+    # With data of std sigma_data, c_in makes the network input unit variance at every sigma (Karras Table 1).
+    x0 = torch.randn(20000, generator=_gen(3))  # unit-variance "latents"
+    for sigma in (0.1, 1.0, 10.0):
+        _, _, c_in, _ = edm_precondition(torch.tensor(sigma), default.sigma_data)
+        x_t = x0 + sigma * torch.randn(20000, generator=_gen(4))
+        assert (c_in * x_t).std().item() == pytest.approx(1.0, abs=0.03)
 
 
 def test_offset_noise_adds_per_channel_constant():

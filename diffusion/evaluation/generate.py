@@ -9,10 +9,12 @@ Layout of ``out_dir``::
     manifest.jsonl     one JSON object per finished image: index, file, prompt, seed, guidance_scale, ...
     contact_sheet.png  a grid of the first ``contact_sheet`` images
 
-Seeds: image ``i`` starts from the noise ``randn_tensor(shape, torch.Generator().manual_seed(seed + i))``, drawn
-per image, so an image does not depend on the batch it was made in and a diffusers pipeline reproduces it with
-``generator=torch.Generator().manual_seed(seed_i)``. Resuming skips every index already in the manifest whose
-PNG exists; a PNG is written to a temporary name and renamed before its manifest line is appended.
+Seeds: image ``i`` gets the seed ``s_i = seed + i`` and its own CPU generator ``torch.Generator().manual_seed(s_i)``,
+which draws its starting noise and, for stochastic samplers, its per-step noise (``diffusion/samplers.py``). An
+image therefore does not depend on the batch it was made in, and an exported diffusers pipeline reproduces a batch
+with ``generator=[torch.Generator().manual_seed(s) for s in seeds]``.
+Resuming skips every index already in the manifest whose PNG exists; a PNG is written to a temporary name and
+renamed before its manifest line is appended.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
-__all__ = ['GenerateConfig', 'read_prompts', 'image_seeds_noise', 'generate_images', 'contact_sheet', 'run']
+__all__ = ['GenerateConfig', 'read_prompts', 'generate_images', 'contact_sheet', 'run']
 
 PROMPT_COLUMNS = ('prompt', 'Prompt', 'caption', 'Caption', 'text', 'Text')
 # Settings that change the images: a resumed run must agree on all of them.
@@ -122,24 +124,15 @@ def default_size(model: Any) -> int:
     return latent * model.autoencoder.downsample_factor
 
 
-def image_seeds_noise(model: Any, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
-    """Initial noise (B, C, h, w), one ``randn_tensor`` draw per seed (as diffusers does with a generator list)."""
-    from diffusers.utils.torch_utils import randn_tensor
-    ae = model.autoencoder
-    shape = (1, ae.latent_channels, height // ae.downsample_factor, width // ae.downsample_factor)
-    return torch.cat([randn_tensor(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-
-
 def generate_images(model: Any, prompts: Sequence[str], seeds: Sequence[int], *, guidance_scale: float,
                     num_inference_steps: int, sampler: str, height: int, width: int, guidance_rescale: float = 0.0,
                     negative_prompt: Optional[str] = None) -> list[Image.Image]:
-    """One batch: prompts + per-image seeds -> PIL images."""
-    device = next(model.backbone.parameters()).device
-    latents = image_seeds_noise(model, seeds, height, width).to(device)
+    """One batch: prompts + per-image seeds -> PIL images (image ``i`` depends on ``seeds[i]`` only)."""
     negatives = [negative_prompt] * len(prompts) if negative_prompt is not None else None
     return model.generate(list(prompts), negative_prompts=negatives, height=height, width=width,
                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                          guidance_rescale=guidance_rescale, sampler=sampler, latents=latents, output_type='pil')
+                          guidance_rescale=guidance_rescale, sampler=sampler, seed=[int(s) for s in seeds],
+                          output_type='pil')
 
 
 def contact_sheet(paths: Sequence[Path], out: Path, max_images: int = 64, thumb: int = 128) -> Optional[Path]:

@@ -24,7 +24,7 @@ from torch import nn
 from torchmetrics import MeanMetric, Metric
 
 from diffusion import registry
-from diffusion.samplers import guidance, sample
+from diffusion.samplers import STOCHASTIC_SAMPLERS, Generators, generators_for, guidance, sample
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ class LatentDiffusion(ComposerModel):
     def generate(self, prompts: Sequence[str], negative_prompts: Optional[Sequence[str]] = None,
                  height: Optional[int] = None, width: Optional[int] = None, num_inference_steps: int = 50,
                  guidance_scale: float = 7.5, guidance_rescale: float = 0.0, sampler: str = 'ddim',
-                 seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 seed: Union[int, Sequence[int], None] = None, generator: Generators = None,
                  latents: Optional[torch.Tensor] = None, output_type: str = 'pt',
                  progress_bar: bool = False) -> Union[torch.Tensor, list]:
         """Text-to-image with classifier-free guidance.
@@ -225,9 +225,13 @@ class LatentDiffusion(ComposerModel):
             guidance_scale: CFG scale; 1 disables the unconditional branch.
             guidance_rescale: Guidance rescale (Lin et al. 2023), 0 disables.
             sampler: A sampler name the noise schedule knows (``ddim``, ``euler``, ``heun``, ``dpmpp_2m``...).
-            seed: Seed for the initial noise (ignored when ``generator`` is given).
-            generator: Random generator for the initial noise and stochastic samplers.
-            latents: Initial noise (B, C, h, w), overrides the generator.
+            seed: Per-image seeds (one per prompt: image ``i`` is the same whatever its batch), or one int
+                seeding a single generator for the whole batch; default 0. See ``diffusion/samplers.py`` for
+                the convention an exported diffusers pipeline reproduces.
+            generator: Instead of ``seed``: one CPU generator per image, or one for the batch.
+            latents: Initial noise (B, C, h, w) instead of the first draw; stochastic samplers (``ddpm``,
+                ``euler_ancestral``) still draw their per-step noise from ``seed`` / ``generator``, which
+                must then be given.
             output_type: ``'pt'`` for a (B,3,H,W) tensor in [0,1], ``'pil'`` for PIL images, ``'latent'``.
             progress_bar: Show a tqdm bar over steps.
         """
@@ -239,8 +243,9 @@ class LatentDiffusion(ComposerModel):
         channels = self.autoencoder.latent_channels if self.autoencoder is not None else 4
         default = int(getattr(self.backbone, 'sample_size', 32)) * factor  # backbone's latent size
         height, width = height or default, width or default
-        if generator is None:
-            generator = torch.Generator(device=device).manual_seed(seed if seed is not None else 0)
+        if latents is not None and seed is None and generator is None and sampler in STOCHASTIC_SAMPLERS:
+            raise ValueError(f'sampler {sampler!r} draws noise at every step: give seed(s) with `latents`')
+        generator = generators_for(n, seed, generator)  # CPU generators, on every device
         cond = self._backbone_kwargs(self.encode_text(prompts), size=(height, width))
         do_cfg = guidance_scale != 1.0
         if do_cfg:
