@@ -4,10 +4,11 @@
 CommonCanvas precomputed both, so training never runs the frozen encoders (online encoding cost them 1.4x).
 
 THE SCALING CONVENTION (the one place it is written down for stored data): the ``latents_<res>`` columns hold
-RAW latents, the posterior mean of the autoencoder, unscaled, exactly what ``Autoencoder.encode`` returns. The
-diffusion model multiplies them by ``scaling_factor`` once (``LatentDiffusion.scale``), as it does for latents
-it encodes online. ``latents.json`` next to the shards records the autoencoder and its ``scaling_factor`` for
-reference; nothing applies it before training.
+RAW latents, the posterior mean of the autoencoder, unscaled and unshifted, exactly what ``Autoencoder.encode``
+returns. The diffusion model maps them to ``(raw - shift_factor) * scaling_factor`` once (``LatentDiffusion.scale``),
+as it does for latents it encodes online. ``latents.json`` next to the shards records the autoencoder's
+``scaling_factor`` and ``shift_factor`` for reference; nothing applies them before training. (Latents written
+already scaled by another tool, such as micro_diffusion's, are read with the dataset's ``latents_scaled: true``.)
 
 Images are prepared exactly as the dataset's pixel mode prepares them with ``crop: center`` and no flip
 (resize to cover, centre crop, [-1, 1]), so online and precomputed latents agree up to fp16 rounding. Text
@@ -141,6 +142,7 @@ class LatentEncoder:
             'convention': 'latents_<res> are RAW autoencoder posterior means (unscaled); the diffusion model '
                           'multiplies them by scaling_factor once',
             'scaling_factor': float(self.autoencoder.scaling_factor),
+            'shift_factor': float(getattr(self.autoencoder, 'shift_factor', 0.0)),
             'resolutions': self.resolutions,
             'columns': self.columns(),
             'text_hidden_dim': int(self.text_encoder.hidden_dim),

@@ -80,6 +80,10 @@ def _check_common(model: Any) -> None:
         raise ExportError('this model cross-attends with a text padding mask (use_text_mask: true); diffusers '
                           'pipelines never pass encoder_attention_mask to the UNet, so an export would not '
                           'reproduce it. Train with use_text_mask: false to export.')
+    if getattr(model, 'shift_factor', 0.0):
+        raise ExportError(f'this model shifts its latents (autoencoder shift_factor {model.shift_factor}, SD3/Flux-'
+                          'style VAE); the SD and SDXL pipelines decode latents / scaling_factor without the shift, '
+                          'so an export would not reproduce its images')
 
 
 def _sd_parts(model: Any) -> dict[str, Any]:

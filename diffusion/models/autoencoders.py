@@ -1,9 +1,12 @@
 """Frozen image autoencoders (diffusers ``AutoencoderKL``) behind one small interface.
 
 Latent scaling convention (one place, applied once): ``Autoencoder.encode`` returns RAW latents (the posterior
-mean, or a sample), exactly what ``convert/precompute_latents.py`` stores. The diffusion model multiplies by
-``scaling_factor`` (SD's 0.18215 for its VAE; ours is measured from data when the autoencoder is trained) right
-before noising, and divides by it right before ``decode``. Nothing else scales latents.
+mean, or a sample), exactly what ``convert/precompute_latents.py`` stores. The diffusion model maps them to
+``(raw - shift_factor) * scaling_factor`` right before noising and back right before ``decode``
+(``LatentDiffusion.scale`` / ``unscale``). ``scaling_factor`` is SD's 0.18215 for its VAE, ours is measured from
+data when the autoencoder is trained; ``shift_factor`` is 0 for SD/SDXL VAEs and set by SD3/Flux-style VAEs
+(their ``config.shift_factor``, e.g. 0.0609 for SD3), which centre the latents before scaling them. Nothing else
+scales latents.
 """
 from __future__ import annotations
 
@@ -41,14 +44,20 @@ class Autoencoder(nn.Module):
     Args:
         vae: The diffusers autoencoder.
         scaling_factor: Multiplies raw latents before diffusion; defaults to ``vae.config.scaling_factor``.
+        shift_factor: Subtracted from raw latents before scaling; defaults to ``vae.config.shift_factor``
+            (absent or ``None`` -> 0).
         sample_posterior: Encode to a posterior sample instead of its mean (the mean is deterministic and is
             what precomputed latents store).
     """
 
-    def __init__(self, vae: nn.Module, scaling_factor: Optional[float] = None, sample_posterior: bool = False) -> None:
+    def __init__(self, vae: nn.Module, scaling_factor: Optional[float] = None, sample_posterior: bool = False,
+                 shift_factor: Optional[float] = None) -> None:
         super().__init__()
         self.vae = vae
         self.scaling_factor = float(scaling_factor if scaling_factor is not None else vae.config.scaling_factor)
+        if shift_factor is None:
+            shift_factor = getattr(vae.config, 'shift_factor', None)
+        self.shift_factor = float(shift_factor or 0.0)
         self.sample_posterior = sample_posterior
         self.requires_grad_(False)
         self.eval()
@@ -80,7 +89,8 @@ class Autoencoder(nn.Module):
 @registry.autoencoders.register('autoencoder_kl')
 def build_autoencoder_kl(pretrained: Optional[str] = None, subfolder: Optional[str] = None,
                          config: Optional[dict[str, Any]] = None, scaling_factor: Optional[float] = None,
-                         sample_posterior: bool = False, seed: int = 0) -> Autoencoder:
+                         sample_posterior: bool = False, seed: int = 0,
+                         shift_factor: Optional[float] = None) -> Autoencoder:
     """Build the frozen autoencoder.
 
     Args:
@@ -90,6 +100,7 @@ def build_autoencoder_kl(pretrained: Optional[str] = None, subfolder: Optional[s
         config: Without ``pretrained``: an ``AutoencoderKL`` config for a randomly initialised model
             (``'tiny'`` presets to :data:`TINY_VAE_CONFIG`).
         scaling_factor: Overrides the checkpoint's ``scaling_factor``.
+        shift_factor: Overrides the checkpoint's ``shift_factor`` (SD3/Flux-style VAEs; 0 for SD's).
         sample_posterior: See :class:`Autoencoder`.
         seed: Seed for random initialisation.
     """
@@ -104,4 +115,5 @@ def build_autoencoder_kl(pretrained: Optional[str] = None, subfolder: Optional[s
         torch.manual_seed(seed)
         vae = AutoencoderKL(**cfg)
         log.info('autoencoder: randomly initialised AutoencoderKL (%s params)', sum(p.numel() for p in vae.parameters()))
-    return Autoencoder(vae, scaling_factor=scaling_factor, sample_posterior=sample_posterior)
+    return Autoencoder(vae, scaling_factor=scaling_factor, sample_posterior=sample_posterior,
+                       shift_factor=shift_factor)

@@ -8,8 +8,9 @@ moves tensors between the parts. Batches come from ``diffusion/data/dataset.py``
 * pixels: ``image`` (B,3,H,W) in [-1,1] and ``caption`` (list of str) -> encoded here, online;
 * precomputed: ``latents`` (RAW, unscaled VAE means), ``text_hidden``, ``text_mask`` [, ``text_pooled``].
 
-Latent scaling is applied in exactly one place (:meth:`LatentDiffusion.scale`): raw latents times
-``scaling_factor`` before noising, divided before decoding.
+Latent scaling is applied in exactly one place (:meth:`LatentDiffusion.scale`): raw latents minus ``shift_factor``
+(SD3/Flux-style VAEs; 0 otherwise), times ``scaling_factor``, before noising; inverted before decoding. Batches
+whose latents another tool stored already scaled carry ``latents_scaled`` and are used as they are.
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ class LatentDiffusion(ComposerModel):
         use_text_mask: Pass the padding mask to cross-attention (right for BERT-style encoders; SD's CLIP
             encoders are used without one).
         use_time_ids: Pass SDXL micro-conditioning (original size, crop, target size) to the backbone.
+        shift_factor: Latent shift, subtracted before scaling; defaults to the autoencoder's (0 without one).
         empty_caption_path: ``empty_caption.safetensors`` written by ``convert/precompute_latents.py``: the
             text states of the empty caption, used for rows the dataloader dropped (classifier-free guidance).
         eval_seed: Seed of the fixed noise and timesteps used for validation loss, so evaluations compare.
@@ -56,7 +58,8 @@ class LatentDiffusion(ComposerModel):
     def __init__(self, backbone: nn.Module, noise_schedule: Any, autoencoder: Optional[nn.Module] = None,
                  text_encoder: Optional[nn.Module] = None, scaling_factor: Optional[float] = None,
                  use_text_mask: bool = False, use_time_ids: bool = False,
-                 empty_caption_path: Optional[str] = None, eval_seed: int = 1234) -> None:
+                 empty_caption_path: Optional[str] = None, eval_seed: int = 1234,
+                 shift_factor: Optional[float] = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.autoencoder = autoencoder
@@ -78,17 +81,20 @@ class LatentDiffusion(ComposerModel):
 
     # ------------------------------------------------------------------ parts of a step
     def scale(self, raw_latents: torch.Tensor) -> torch.Tensor:
-        """Raw autoencoder latents -> diffusion space (the only place the scale is applied)."""
-        return raw_latents * self.scaling_factor
+        """Raw autoencoder latents -> diffusion space, ``(raw - shift) * scale`` (the only place it is applied)."""
+        return (raw_latents - self.shift_factor) * self.scaling_factor
 
     def unscale(self, latents: torch.Tensor) -> torch.Tensor:
-        """Diffusion space -> raw autoencoder latents."""
-        return latents / self.scaling_factor
+        """Diffusion space -> raw autoencoder latents, ``latents / scale + shift``."""
+        return latents / self.scaling_factor + self.shift_factor
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1,1] -> scaled latents."""
         if self.autoencoder is None:
             raise RuntimeError('this model has no autoencoder: feed precomputed `latents`')
+        if shift_factor is None:
+            shift_factor = getattr(autoencoder, 'shift_factor', 0.0) if autoencoder is not None else 0.0
+        self.shift_factor = float(shift_factor)
         return self.scale(self.autoencoder.encode(images))
 
     def encode_text(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -108,7 +114,11 @@ class LatentDiffusion(ComposerModel):
 
     def batch_latents(self, batch: dict[str, Any]) -> torch.Tensor:
         if 'latents' in batch:
-            return self.scale(batch['latents'].float())
+            latents, scaled = batch['latents'].float(), batch.get('latents_scaled')
+            if scaled is None:
+                return self.scale(latents)
+            # Latents another tool stored already scaled (micro_diffusion's) are used as they are.
+            return torch.where(scaled.bool().view(-1, *([1] * (latents.dim() - 1))), latents, self.scale(latents))
         return self.encode_images(batch['image'])
 
     def batch_conditioning(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
