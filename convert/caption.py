@@ -23,6 +23,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from diffusion.data.captioning import DEFAULT_GENERATION, DEFAULT_MODEL, Captioner, GenerationSettings, degenerate_reason
+from diffusion.data.cli import add_map_args, resolve_device
 
 log = logging.getLogger('caption')
 
@@ -32,8 +33,7 @@ NEW_COLUMNS = {'caption': 'str', 'alt_text': 'str', 'caption_source': 'str', 'ca
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = DEFAULT_GENERATION
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument('--src', required=True, help='source MDS dataset folder (with train/ eval/ splits)')
-    p.add_argument('--out', required=True, help='output folder (a new MDS dataset)')
+    add_map_args(p, batch_size=8, commit_every=64)
     p.add_argument('--model', default=DEFAULT_MODEL, help=f'HF image-to-text model name or folder ({DEFAULT_MODEL})')
     p.add_argument('--prompt', default=None, help='text prefix given with each image (default: none)')
     p.add_argument('--size', type=int, default=512, help='centre-crop and resize to this square first (512)')
@@ -49,23 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--max-ngram-repeats', type=int, default=2,
                    help='a word pair occurring more often is degenerate "repeated_ngram"')
     p.add_argument('--only-weak', action='store_true', help='caption only rows whose caption_weak is set')
-    p.add_argument('--batch-size', type=int, default=8)
-    p.add_argument('--device', default='auto', help="'auto' (cuda:<local rank> if available, else cpu), 'cpu', ...")
     p.add_argument('--dtype', default=None, choices=['float32', 'float16', 'bfloat16'],
                    help='default: float16 on GPU, float32 on CPU')
-    p.add_argument('--splits', nargs='*', default=None, help='splits to convert (default: all)')
-    p.add_argument('--limit', type=int, default=None, help='only the first N rows of each split')
-    p.add_argument('--commit-every', type=int, default=64, help='rows per committed part (resume granularity)')
     return p.parse_args(argv)
-
-
-def _device(name: str) -> str:
-    import os
-
-    import torch
-    if name != 'auto':
-        return name
-    return f'cuda:{os.environ.get("LOCAL_RANK", "0")}' if torch.cuda.is_available() else 'cpu'
 
 
 def _model_tag(model: str) -> str:
@@ -133,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                                     num_beams=args.num_beams, do_sample=args.sample, temperature=args.temperature,
                                     top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                                     no_repeat_ngram_size=args.no_repeat_ngram_size)
-    captioner = Captioner.from_pretrained(args.model, device=_device(args.device), dtype=args.dtype,
+    captioner = Captioner.from_pretrained(args.model, device=resolve_device(args.device), dtype=args.dtype,
                                           prompt=args.prompt, size=args.size, generation=generation)
     config = {k: v for k, v in vars(args).items() if k not in ('out', 'device', 'batch_size', 'splits')}
     report = map_dataset(args.src, args.out, CaptionRows(captioner, args), NEW_COLUMNS, config=config,

@@ -6,14 +6,25 @@
   * a manifest ``.csv``, ``.jsonl`` or ``.parquet`` with an image column (``image``/``path``/``file``:
     a path relative to the manifest, or bytes) and ``caption``/``text`` (plus optional ``key``,
     ``license``, ``creator``);
-  * a webdataset / img2dataset ``.tar`` shard or a folder of them (members ``k.jpg``, ``k.txt``,
-    ``k.json``; img2dataset's parquet next to them is not needed).
+  * a webdataset / img2dataset ``.tar`` shard, a folder tree of them, or a ``.txt`` list of shard paths
+    (members ``k.jpg``, ``k.txt``, ``k.json``). From img2dataset's JSON the ``license``, ``license_url`` and
+    ``creator`` members are kept and ``photo_id`` (``convert/yfcc_filter.py`` lists) becomes the key; the
+    ``<shard>.parquet`` img2dataset writes beside each tar names the downloads that failed: each is counted
+    under ``img2dataset_<status>`` (``failed_to_download``, ``failed_to_resize``) unless a later pass
+    (``yfcc_filter.py --retry-from``) fetched that photo.
 Bad files are skipped and counted by reason (report.json); empty captions are skipped unless
 ``--keep-empty-captions`` (then kept and flagged in ``caption_weak``). Re-running with the same
 arguments resumes.
 
+On many machines, ranks split the tar shards (shard ``i`` goes to rank ``i % W``; other sources split by
+item); rank and W come from ``--rank``/``--world-size``, else ``RANK``/``WORLD_SIZE`` (composer, torchrun)
+or a Slurm job array (``scripts/slurm/convert_array.sbatch``). Each rank writes its own parts into ``--out``
+(resumable per rank); once all have finished, ``--merge`` writes the index, report and attribution.
+
 Example:
     python convert/images_to_mds.py --src my_photos/ --out data/my_photos --license CC-BY-4.0 --workers 2
+    RANK=3 WORLD_SIZE=8 python convert/images_to_mds.py --src shards/ --out data/cc   # ... for ranks 0-7
+    python convert/images_to_mds.py --src shards/ --out data/cc --world-size 8 --merge
 """
 from __future__ import annotations
 
@@ -30,7 +41,9 @@ import pyarrow.parquet as pq
 
 from diffusion.data.licenses import in_license_set, license_family, normalize_license
 from diffusion.data.sanitize import SkipSample, clean_caption, sanitize_image
-from diffusion.data.writer import add_writer_args, make_sample, print_summary, run_conversion, writer_from_args
+from diffusion.data.cli import rank_from_env
+from diffusion.data.writer import (add_writer_args, make_sample, merge_ranks, print_summary, run_conversion,
+                                   writer_from_args)
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp', '.gif', '.bmp', '.tif', '.tiff', '.svg')
 MANIFEST_SUFFIXES = ('.csv', '.jsonl', '.parquet')
@@ -87,9 +100,29 @@ def manifest_items(src: Path) -> Iterator[dict[str, Any]]:
         yield item
 
 
-def tar_items(src: Path) -> Iterator[dict[str, Any]]:
-    """Samples of webdataset / img2dataset tar shards (grouped by member basename)."""
-    for shard in sorted(src.glob('*.tar')) if src.is_dir() else [src]:
+def tar_shards(src: Path) -> list[Path]:
+    """The tar shards of ``src``: one ``.tar``, a folder tree of them, or a ``.txt`` list (one path a line)."""
+    if src.suffix == '.txt':
+        lines = [line.strip() for line in src.read_text(encoding='utf-8').splitlines() if line.strip()]
+        return [p if p.is_absolute() else src.parent / p for p in map(Path, lines)]
+    return sorted(src.rglob('*.tar')) if src.is_dir() else [src]
+
+
+def _failed_downloads(shard: Path) -> Iterator[dict[str, Any]]:
+    """img2dataset's failures recorded in the parquet file beside ``shard`` (none when there is none)."""
+    table = shard.with_suffix('.parquet')
+    if not table.exists():
+        return
+    for row in pq.read_table(table).to_pylist():
+        if row.get('status') not in (None, 'success'):
+            key = str(row.get('photo_id') or f'{shard.stem}/{row.get("key")}')
+            yield {'key': key, '_failed': str(row['status']), 'source_path': f'{shard.name}:{row.get("key")}',
+                   'detail': str(row.get('error_message') or '')}
+
+
+def tar_items(shards: list[Path]) -> Iterator[dict[str, Any]]:
+    """Samples of webdataset / img2dataset tar shards (grouped by member basename), then their failures."""
+    for shard in shards:
         groups: dict[str, dict[str, bytes]] = {}
         with tarfile.open(shard) as tar:
             for member in tar.getmembers():
@@ -102,22 +135,41 @@ def tar_items(src: Path) -> Iterator[dict[str, Any]]:
             meta = _meta(parts.get('json'))
             if 'txt' in parts:
                 meta['caption'] = parts['txt']
-            yield {**meta, 'key': f'{shard.stem}/{stem}', 'data': parts.get(ext, b'') if ext else b'',
+            key = str(meta.get('photo_id') or f'{shard.stem}/{stem}')
+            yield {**meta, 'key': key, 'data': parts.get(ext, b'') if ext else b'',
                    'source_path': f'{shard.name}:{stem}.{ext}'}
+        yield from _failed_downloads(shard)
 
 
-def list_items(src: Path) -> list[dict[str, Any]]:
+def _drop_recovered(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A failure whose photo another pass downloaded (or that failed twice) is counted once, or not at all."""
+    fetched = {item['key'] for item in items if '_failed' not in item}
+    kept, failed = [], set()
+    for item in items:
+        if '_failed' in item:
+            if item['key'] in fetched or item['key'] in failed:
+                continue
+            failed.add(item['key'])
+        kept.append(item)
+    return kept
+
+
+def list_items(src: Path, rank: int = 0, world: int = 1) -> list[dict[str, Any]]:
+    """This rank's items of ``src`` (all of them with one rank)."""
+    if src.suffix in ('.tar', '.txt') or (src.is_dir() and any(src.rglob('*.tar'))):
+        return _drop_recovered(list(tar_items(tar_shards(src)[rank::world])))
     if src.is_file() and src.suffix.lower() in MANIFEST_SUFFIXES:
-        return list(manifest_items(src))
-    if src.suffix == '.tar' or (src.is_dir() and any(src.glob('*.tar'))):
-        return list(tar_items(src))
+        return list(manifest_items(src))[rank::world]
     if src.is_dir():
-        return list(folder_items(src))
-    raise SystemExit(f'--src {src}: not a folder, manifest ({", ".join(MANIFEST_SUFFIXES)}) or .tar shard')
+        return list(folder_items(src))[rank::world]
+    raise SystemExit(f'--src {src}: not a folder, manifest ({", ".join(MANIFEST_SUFFIXES)}), .tar shard or '
+                     f'.txt list of shards')
 
 
 def convert_item(item: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
     """Turn one listed item into an MDS row, or raise :class:`SkipSample` (runs in a worker)."""
+    if item.get('_failed'):
+        raise SkipSample(f'img2dataset_{item["_failed"]}', item['detail'])
     if item.get('_bad_json'):
         raise SkipSample('bad_sidecar_json')
     license_id = normalize_license(str(item.get('license_url') or item.get('license') or opts['license']))
@@ -142,7 +194,7 @@ def convert_item(item: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
                        caption_source=str(item.get('caption_source') or 'provided'), license_id=license_id,
                        creator=str(item.get('creator') or opts['creator']), source=opts['source'],
                        source_path=item['source_path'], image_format=opts['image_format'],
-                       quality=opts['quality'])
+                       quality=opts['quality'], license_link=str(item.get('license_url') or ''))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -154,24 +206,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--license-set', choices=('commercial', 'noncommercial', 'all'), default=None,
                         help='keep only items whose licence is in this set (default: keep all)')
     parser.add_argument('--keep-empty-captions', action='store_true', help='keep them, flagged caption_weak=1')
+    ranks = parser.add_argument_group('many machines')
+    ranks.add_argument('--rank', type=int, default=None, help='this rank (default: from the environment)')
+    ranks.add_argument('--world-size', type=int, default=None, help='number of ranks (default: environment)')
+    ranks.add_argument('--merge', action='store_true', help='after every rank finished: write index, report')
     add_writer_args(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if (args.rank is None) != (args.world_size is None) and not args.merge:
+        parser.error('--rank and --world-size go together')
+    if args.rank is None:
+        rank, world = rank_from_env()
+        args.rank, args.world_size = rank, args.world_size or world
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     args.src = args.src.resolve()
     logging.basicConfig(level=logging.WARNING)
-    items = list_items(args.src)
+    if args.merge:
+        report = merge_ranks(args.out)
+        print_summary(report, args.out)
+        return report
+    multi = args.world_size > 1
+    items = list_items(args.src, args.rank, args.world_size)
     opts = {k: getattr(args, k) for k in ('license', 'creator', 'license_set', 'keep_empty_captions', 'min_size',
                                           'max_pixels', 'size', 'image_format', 'quality')}
     opts['source'] = args.source or args.src.name
     args.src = str(args.src)
-    with writer_from_args(args) as writer:
+    with writer_from_args(args, rank=args.rank if multi else None) as writer:
         run_conversion(functools.partial(convert_item, opts=opts), items, writer, key=lambda i: i['key'],
                        source=lambda i: opts['source'], workers=args.workers, desc='images-to-mds')
     report = writer.summary()
     print_summary(report, args.out)
+    if multi:
+        print(f'rank {args.rank} of {args.world_size} done; when every rank is, run the same command with --merge')
     return report
 
 

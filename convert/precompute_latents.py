@@ -22,13 +22,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from diffusion.data.cli import add_map_args, resolve_device
+
 log = logging.getLogger('precompute_latents')
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument('--src', required=True, help='source MDS dataset folder (with train/ eval/ splits)')
-    p.add_argument('--out', required=True, help='output folder (a new MDS dataset)')
+    add_map_args(p, batch_size=16, commit_every=256)
     p.add_argument('--vae', required=True, help='diffusers AutoencoderKL folder or model name')
     p.add_argument('--vae-subfolder', default=None, help="e.g. 'vae' inside a full pipeline folder")
     p.add_argument('--scaling-factor', type=float, default=None,
@@ -40,14 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help='folder or name of the text encoder (minilm: path; clip / sdxl_clip_pair: pretrained)')
     p.add_argument('--text-encoder-kwargs', default='{}', help='JSON of further builder arguments')
     p.add_argument('--resolutions', type=int, nargs='+', default=[256], help='square image sides (256 512)')
-    p.add_argument('--batch-size', type=int, default=16)
-    p.add_argument('--device', default='auto', help="'auto' (cuda:<local rank> if available, else cpu), 'cpu', ...")
     p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'],
                    help='encoder precision (storage is fp16 regardless). float32 default: the SD2 VAE overflows '
                         'in float16')
-    p.add_argument('--splits', nargs='*', default=None, help='splits to convert (default: all)')
-    p.add_argument('--limit', type=int, default=None, help='only the first N rows of each split')
-    p.add_argument('--commit-every', type=int, default=256, help='rows per committed part (resume granularity)')
     return p.parse_args(argv)
 
 
@@ -98,15 +94,6 @@ class EncodeRows:
         return results
 
 
-def _device(name: str) -> str:
-    import os
-
-    import torch
-    if name != 'auto':
-        return name
-    return f'cuda:{os.environ.get("LOCAL_RANK", "0")}' if torch.cuda.is_available() else 'cpu'
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
     args = parse_args(argv)
@@ -114,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusion.data.mds_rows import find_splits, map_dataset, rank_and_world
     splits = args.splits if args.splits else find_splits(args.src)
     rank, _ = rank_and_world()
-    encoder = build_encoder(args, _device(args.device))
+    encoder = build_encoder(args, resolve_device(args.device))
     new_columns = encoder.columns()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

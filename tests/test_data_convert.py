@@ -3,7 +3,6 @@ the mini catalog from the real packages, and resume after a hard kill."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import os
@@ -21,6 +20,7 @@ import pytest
 from PIL import Image
 from streaming.base.format import reader_from_json
 
+from diffusion.data.cli import load_convert_script
 from diffusion.data.licenses import in_license_set, normalize_license
 from diffusion.data.sanitize import SkipSample, clean_caption, is_weak_caption, sanitize_image
 from diffusion.data.writer import CRASH_ENV, DatasetWriter
@@ -29,16 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get('DIFFUSION_DATA_CACHE', REPO / 'data' / 'cache'))
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / 'convert' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-images_to_mds = _load_script('images_to_mds')
-commoncatalog_mini = _load_script('commoncatalog_mini')
-yfcc_filter = _load_script('yfcc_filter')
+images_to_mds = load_convert_script('images_to_mds')
+commoncatalog_mini = load_convert_script('commoncatalog_mini')
+yfcc_filter = load_convert_script('yfcc_filter')
 
 
 def read_split(out: Path, split: str = 'train') -> list[dict]:

@@ -32,7 +32,6 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 from streaming.base.format.mds.encodings import mds_decode
-from streaming.base.local import LocalDataset
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
@@ -60,6 +59,11 @@ def find_splits(src: str | os.PathLike) -> list[str]:
 class RowReader:
     """Random access to the rows of one local MDS split.
 
+    Columns and shard sizes come from the split's ``index.json`` (MDS's documented on-disk format); rows are read
+    with streaming's public ``reader_from_json`` and the shard reader's ``get_sample_data`` (a row's raw bytes).
+    The row layout parsed in :meth:`raw` (a uint32 size per variable-size column, then the columns) is MDS's
+    format; ``tests/test_multirank_convert.py`` pins it against streaming's own decoding of every column.
+
     Args:
         src: Dataset folder.
         split: Split sub-folder (``''`` for none).
@@ -69,32 +73,37 @@ class RowReader:
     """
 
     def __init__(self, src: str | os.PathLike, split: str = '') -> None:
-        self.dataset = LocalDataset(local=str(src), split=split or None)
-        shards = self.dataset.shards
-        if not shards:
+        from streaming.base.format import reader_from_json
+        folder = Path(src) / split if split else Path(src)
+        infos = json.loads((folder / 'index.json').read_text())['shards']
+        if not infos:
             raise ValueError(f'{src}/{split}: the index names no shards')
-        first = shards[0]
-        self.columns: dict[str, str] = dict(zip(first.column_names, first.column_encodings))
-        for shard in shards[1:]:
-            if dict(zip(shard.column_names, shard.column_encodings)) != self.columns:
+        self.columns: dict[str, str] = dict(zip(infos[0]['column_names'], infos[0]['column_encodings']))
+        for info in infos[1:]:
+            if dict(zip(info['column_names'], info['column_encodings'])) != self.columns:
                 raise ValueError(f'{src}/{split}: shards disagree on columns; cannot derive a dataset from it')
+        self._sizes = [info['column_sizes'] for info in infos]
+        self._shards = [reader_from_json(str(folder), None, info) for info in infos]
+        self._ends = np.cumsum([info['samples'] for info in infos])
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return int(self._ends[-1])
 
     def raw(self, index: int) -> dict[str, bytes]:
         """The stored bytes of every column of row ``index``."""
-        shard_id, idx = self.dataset.spanner[index]
-        shard = self.dataset.shards[shard_id]
-        data = shard.get_sample_data(idx)
+        if not 0 <= index < len(self):
+            raise IndexError(f'row {index} out of range [0, {len(self)})')
+        shard_id = int(np.searchsorted(self._ends, index, side='right'))
+        idx = index - (int(self._ends[shard_id - 1]) if shard_id else 0)
+        data = self._shards[shard_id].get_sample_data(idx)
         sizes, pos = [], 0
-        for size in shard.column_sizes:
+        for size in self._sizes[shard_id]:
             if size is None:  # variable-size column: its size is in the row header
                 size = int(np.frombuffer(data[pos:pos + 4], np.uint32)[0])
                 pos += 4
             sizes.append(size)
         row = {}
-        for name, size in zip(shard.column_names, sizes):
+        for name, size in zip(self.columns, sizes):
             row[name] = data[pos:pos + size]
             pos += size
         return row
@@ -213,22 +222,14 @@ def _convert_split(reader: RowReader, writer: Any, fn: RowFn, indices: list[int]
 
 def _merge(out: Path, splits: Sequence[str], world: int) -> dict[str, Any]:
     """Rank 0: one ``index.json`` per split over every rank's parts, one report, one attribution file."""
-    from diffusion.data.writer import ATTRIBUTION_FIELDS, write_json_atomic
+    from diffusion.data.writer import merge_index, write_attribution, write_json_atomic
     totals: dict[str, Any] = {'kept': 0, 'skipped': 0, 'skipped_by_reason': Counter(), 'splits': {}}
     attribution: list[dict[str, str]] = []
     for split in splits:
         split_dir = out / (split or '.')
-        shards, kept = [], 0
-        for r in range(world):
-            rank_dir = split_dir / f'rank-{r:05d}'
-            index = rank_dir / (split or 'all') / 'index.json'
-            if index.exists():
-                for shard in json.loads(index.read_text())['shards']:
-                    for field in ('raw_data', 'zip_data', 'raw_meta', 'zip_meta'):
-                        if shard.get(field):
-                            shard[field]['basename'] = f'{rank_dir.name}/{split or "all"}/{shard[field]["basename"]}'
-                    shards.append(shard)
-                    kept += shard['samples']
+        rank_dirs = [split_dir / f'rank-{r:05d}' for r in range(world)]
+        kept = merge_index(split_dir, [rank_dir / (split or 'all') / 'index.json' for rank_dir in rank_dirs])
+        for rank_dir in rank_dirs:
             report_file = rank_dir / 'report.json'
             if report_file.exists():
                 rep = json.loads(report_file.read_text())
@@ -237,15 +238,9 @@ def _merge(out: Path, splits: Sequence[str], world: int) -> dict[str, Any]:
             if (rank_dir / 'attribution.csv').exists():
                 with open(rank_dir / 'attribution.csv', newline='', encoding='utf-8') as f:
                     attribution.extend(csv.DictReader(f))
-        write_json_atomic(split_dir / 'index.json', {'version': 2, 'shards': shards})
         totals['kept'] += kept
         totals['splits'][split or 'all'] = kept
     totals['skipped_by_reason'] = dict(totals['skipped_by_reason'])
     write_json_atomic(out / 'report.json', totals)
-    tmp = out / f'.attribution.csv.tmp{os.getpid()}'
-    with open(tmp, 'w', newline='', encoding='utf-8') as f:
-        writer = csv.DictWriter(f, fieldnames=list(ATTRIBUTION_FIELDS), extrasaction='ignore')
-        writer.writeheader()
-        writer.writerows(attribution)
-    os.replace(tmp, out / 'attribution.csv')
+    write_attribution(out / 'attribution.csv', attribution)
     return totals

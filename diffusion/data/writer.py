@@ -33,6 +33,11 @@ recognised by key (:meth:`DatasetWriter.done`) and by sha256 (duplicates), so a 
 arguments finishes the dataset without duplicating or losing a sample. Readers only ever see a
 complete ``index.json`` that names complete shards. (streaming's ``merge_index`` is not used for the
 merged index because it moves a finished file over the old one non-atomically.)
+
+On many machines (``rank`` given): rank ``r`` names its parts ``rank-0000r-part-*`` and its journals the
+same, so ranks share ``out`` without touching each other's files; ranks do not write the merged
+``index.json``, ``report.json`` or ``attribution.csv``: one :func:`merge_ranks` call after every rank
+finished writes them over every committed part of every rank. De-duplication by sha256 is per rank.
 """
 from __future__ import annotations
 
@@ -94,10 +99,12 @@ def split_for_key(key: str, eval_fraction: float) -> str:
 
 
 def make_sample(clean: Any, *, key: str, caption: str, caption_source: str, license_id: str, creator: str,
-                source: str, source_path: str, image_format: str = 'jpeg', quality: int = 90) -> dict[str, Any]:
+                source: str, source_path: str, image_format: str = 'jpeg', quality: int = 90,
+                license_link: str = '') -> dict[str, Any]:
     """Assemble a row of :data:`DEFAULT_COLUMNS` from a :class:`~diffusion.data.sanitize.CleanImage`.
 
-    The image is encoded here (in the worker process), so the writer only copies bytes.
+    The image is encoded here (in the worker process), so the writer only copies bytes. ``license_link`` is the
+    licence URL the source states (e.g. Flickr's); the canonical URL of ``license_id`` when empty.
     """
     from diffusion.data.licenses import license_url
     from diffusion.data.sanitize import encode_image, is_weak_caption
@@ -108,7 +115,7 @@ def make_sample(clean: Any, *, key: str, caption: str, caption_source: str, lice
         'caption_source': caption_source,
         'caption_weak': int(is_weak_caption(caption)),
         'license': license_id,
-        'license_url': license_url(license_id),
+        'license_url': license_link or license_url(license_id),
         'creator': creator,
         'source': source,
         'source_path': source_path,
@@ -138,7 +145,8 @@ class DatasetWriter:
         eval_fraction: Share of keys hashed into the ``eval`` split when :meth:`write` gets no split.
         dedup: Skip samples whose ``sha256`` was already written (reason ``duplicate``).
         config: The converter's arguments. A resume whose config differs raises ``ValueError``.
-        overwrite: Delete an existing dataset in ``out`` instead of resuming it.
+        overwrite: Delete an existing dataset in ``out`` instead of resuming it (single rank only).
+        rank: This writer is one of several ranks writing ``out`` (see the module docstring).
     """
 
     def __init__(self,
@@ -151,8 +159,12 @@ class DatasetWriter:
                  eval_fraction: float = 0.0,
                  dedup: bool = True,
                  config: dict[str, Any] | None = None,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False,
+                 rank: int | None = None) -> None:
         self.out = Path(out)
+        self.rank = rank
+        self._prefix = 'part-' if rank is None else f'rank-{rank:05d}-part-'
+        self._merge_on_commit = rank is None  # with ranks, merge_ranks() merges once all have finished
         self.columns = dict(columns or DEFAULT_COLUMNS)
         self.compression = compression
         self.size_limit = size_limit
@@ -160,6 +172,8 @@ class DatasetWriter:
         self.eval_fraction = eval_fraction
         self.dedup = dedup
         self._journal_dir = self.out / '.journal'
+        if overwrite and rank is not None:
+            raise ValueError('overwrite=True with ranks would delete the other ranks\' parts; clear out first')
         if overwrite and self.out.exists():
             shutil.rmtree(self.out)
         self._journal_dir.mkdir(parents=True, exist_ok=True)
@@ -191,21 +205,18 @@ class DatasetWriter:
 
     def _load_journals(self) -> int:
         """Load committed parts, delete uncommitted part folders; return the next part number."""
-        committed = sorted(self._journal_dir.glob('part-*.json'))
+        committed = sorted(self._journal_dir.glob(f'{self._prefix}*.json'))
         names = {p.stem for p in committed}
-        for record in committed:
-            part = json.loads(record.read_text())
-            self._kept.extend(part['kept'])
-            self._skipped.extend(part['skipped'])
+        self._kept, self._skipped = _read_journals(committed)
         for row in self._kept:
             self._done.add(row['key'])
             self._seen_sha.add(row['sha256'])
         self._done.update(row[0] for row in self._skipped if row[0])
-        for folder in self.out.glob('*/part-*'):
+        for folder in self.out.glob(f'*/{self._prefix}*'):
             if folder.is_dir() and folder.name not in names:
                 log.info('removing uncommitted part %s', folder)
                 shutil.rmtree(folder)
-        numbers = [int(p.stem.split('-')[1]) for p in committed]
+        numbers = [int(p.stem.rsplit('-', 1)[1]) for p in committed]
         return max(numbers, default=-1) + 1
 
     def done(self, key: str) -> bool:
@@ -231,7 +242,7 @@ class DatasetWriter:
         split = split or split_for_key(key, self.eval_fraction)
         writer = self._open.get(split)
         if writer is None:
-            folder = self.out / split / f'part-{self._part:05d}'
+            folder = self.out / split / f'{self._prefix}{self._part:05d}'
             writer = MDSWriter(out=str(folder), columns=self.columns, compression=self.compression,
                                size_limit=self.size_limit)
             self._open[split] = writer
@@ -260,7 +271,7 @@ class DatasetWriter:
             return
         for writer in self._open.values():
             writer.finish()
-        name = f'part-{self._part:05d}'
+        name = f'{self._prefix}{self._part:05d}'
         write_json_atomic(self._journal_dir / f'{name}.json',
                           {'kept': self._part_kept, 'skipped': self._part_skipped})
         self._kept.extend(self._part_kept)
@@ -268,50 +279,23 @@ class DatasetWriter:
         splits = set(self._open)
         self._open, self._part_kept, self._part_skipped = {}, [], []
         self._part += 1
-        for split in splits:
-            self._merge_index(split)
-
-    def _merge_index(self, split: str) -> None:
-        """Atomically rewrite ``out/<split>/index.json`` from the committed parts' indexes."""
-        shards = []
-        for index in sorted((self.out / split).glob('part-*/index.json')):
-            for shard in json.loads(index.read_text())['shards']:
-                for field in ('raw_data', 'zip_data', 'raw_meta', 'zip_meta'):
-                    if shard.get(field):
-                        shard[field]['basename'] = f'{index.parent.name}/{shard[field]["basename"]}'
-                shards.append(shard)
-        write_json_atomic(self.out / split / 'index.json', {'version': 2, 'shards': shards})
+        if self._merge_on_commit:
+            committed = _committed_parts(self.out)
+            for split in splits:
+                merge_index(self.out / split, [self.out / split / name / 'index.json' for name in committed])
 
     # -- reporting -----------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         """Counts kept and skipped: totals, per split, per source and per reason."""
-        kept = self._kept + self._part_kept
-        skipped = self._skipped + self._part_skipped
-        by_source: dict[str, dict[str, Any]] = defaultdict(lambda: {'kept': 0, 'skipped': Counter()})
-        for row in kept:
-            by_source[row['source']]['kept'] += 1
-        for _, reason, source in skipped:
-            by_source[source]['skipped'][reason] += 1
-        return {
-            'kept': len(kept),
-            'skipped': len(skipped),
-            'splits': dict(Counter(row['split'] for row in kept)),
-            'skipped_by_reason': dict(Counter(reason for _, reason, _ in skipped)),
-            'by_source': {s: {'kept': v['kept'], 'skipped': dict(v['skipped'])}
-                          for s, v in sorted(by_source.items())},
-        }
+        return summarize(self._kept + self._part_kept, self._skipped + self._part_skipped)
 
     def finish(self) -> dict[str, Any]:
-        """Commit, write ``report.json`` and ``attribution.csv``; return the summary."""
+        """Commit; on a single rank also write ``report.json`` and ``attribution.csv``; return the summary."""
         self.commit()
         report = self.summary()
-        write_json_atomic(self.out / 'report.json', report)
-        tmp = self.out / f'.attribution.csv.tmp{os.getpid()}'
-        with open(tmp, 'w', newline='', encoding='utf-8') as f:
-            writer = csv.DictWriter(f, fieldnames=list(ATTRIBUTION_FIELDS), extrasaction='ignore')
-            writer.writeheader()
-            writer.writerows(self._kept)
-        os.replace(tmp, self.out / 'attribution.csv')
+        if self.rank is None:
+            write_json_atomic(self.out / 'report.json', report)
+            write_attribution(self.out / 'attribution.csv', self._kept)
         return report
 
     def __enter__(self) -> DatasetWriter:
@@ -322,6 +306,92 @@ class DatasetWriter:
             self.finish()
         else:  # keep what is complete, so a re-run continues from here
             self.commit()
+
+
+# ---------------------------------------------------------------------------------------------
+# Merging parts: the one index merge and the one attribution writer (also used by mds_rows)
+# ---------------------------------------------------------------------------------------------
+def summarize(kept: Sequence[dict[str, Any]], skipped: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """Counts kept and skipped: totals, per split, per source and per reason."""
+    by_source: dict[str, dict[str, Any]] = defaultdict(lambda: {'kept': 0, 'skipped': Counter()})
+    for row in kept:
+        by_source[row['source']]['kept'] += 1
+    for _, reason, source in skipped:
+        by_source[source]['skipped'][reason] += 1
+    return {
+        'kept': len(kept),
+        'skipped': len(skipped),
+        'splits': dict(Counter(row['split'] for row in kept)),
+        'skipped_by_reason': dict(Counter(reason for _, reason, _ in skipped)),
+        'by_source': {s: {'kept': v['kept'], 'skipped': dict(v['skipped'])}
+                      for s, v in sorted(by_source.items())},
+    }
+
+
+def _read_journals(records: Iterable[Path]) -> tuple[list[dict[str, Any]], list[list[str]]]:
+    kept: list[dict[str, Any]] = []
+    skipped: list[list[str]] = []
+    for record in records:
+        part = json.loads(record.read_text())
+        kept.extend(part['kept'])
+        skipped.extend(part['skipped'])
+    return kept, skipped
+
+
+def _committed_parts(out: Path) -> list[str]:
+    """Names of the parts (of every rank) whose journal exists: the only parts readers may see."""
+    return sorted(p.stem for p in (out / '.journal').glob('*part-*.json'))
+
+
+def merge_index(split_dir: str | os.PathLike, part_indexes: Iterable[str | os.PathLike]) -> int:
+    """Atomically write ``split_dir/index.json`` naming the shards of every existing part index.
+
+    Args:
+        split_dir: The folder readers open; every part index must lie below it.
+        part_indexes: ``index.json`` files of finished parts (missing ones are ignored).
+
+    Returns:
+        The number of samples the merged index names.
+    """
+    split_dir = Path(split_dir)
+    shards = []
+    for index in map(Path, part_indexes):
+        if not index.exists():
+            continue
+        prefix = index.parent.relative_to(split_dir).as_posix()
+        for shard in json.loads(index.read_text())['shards']:
+            for field in ('raw_data', 'zip_data', 'raw_meta', 'zip_meta'):
+                if shard.get(field):
+                    shard[field]['basename'] = f'{prefix}/{shard[field]["basename"]}'
+            shards.append(shard)
+    split_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(split_dir / 'index.json', {'version': 2, 'shards': shards})
+    return sum(shard['samples'] for shard in shards)
+
+
+def write_attribution(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> None:
+    """Atomically write the attribution file: :data:`ATTRIBUTION_FIELDS` of every kept image."""
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    with open(tmp, 'w', newline='', encoding='utf-8') as f:
+        writer = csv.DictWriter(f, fieldnames=list(ATTRIBUTION_FIELDS), extrasaction='ignore')
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def merge_ranks(out: str | os.PathLike) -> dict[str, Any]:
+    """The merge step after a multi-rank conversion: one ``index.json`` per split over every committed part
+    of every rank, one ``report.json`` and one ``attribution.csv``. Idempotent; returns the report."""
+    out = Path(out)
+    committed = _committed_parts(out)
+    kept, skipped = _read_journals(out / '.journal' / f'{name}.json' for name in committed)
+    for split in sorted({row['split'] for row in kept}):
+        merge_index(out / split, [out / split / name / 'index.json' for name in committed])
+    report = summarize(kept, skipped)
+    write_json_atomic(out / 'report.json', report)
+    write_attribution(out / 'attribution.csv', kept)
+    return report
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,15 +479,16 @@ def add_writer_args(parser: Any) -> None:
     group.add_argument('--overwrite', action='store_true', help='delete --out first instead of resuming')
 
 
-_RUN_ONLY = ('workers', 'overwrite', 'cache_dir')  # options that may change between resumed runs
+# Options that may change between resumed runs (every rank of a multi-rank run records the same config).
+_RUN_ONLY = ('workers', 'overwrite', 'cache_dir', 'rank', 'merge')
 
 
-def writer_from_args(args: Any) -> DatasetWriter:
-    """Build the :class:`DatasetWriter` for a converter's parsed arguments."""
+def writer_from_args(args: Any, rank: int | None = None) -> DatasetWriter:
+    """Build the :class:`DatasetWriter` for a converter's parsed arguments (``rank``: one of several ranks)."""
     config = {k: v for k, v in sorted(vars(args).items()) if k not in _RUN_ONLY}
     return DatasetWriter(args.out, columns_for(args.image_format), compression=args.compression,
                          size_limit=args.size_limit, commit_every=args.commit_every,
-                         eval_fraction=args.eval_fraction, config=config, overwrite=args.overwrite)
+                         eval_fraction=args.eval_fraction, config=config, overwrite=args.overwrite, rank=rank)
 
 
 def print_summary(report: dict[str, Any], out: str | os.PathLike) -> None:
