@@ -100,11 +100,37 @@ def guidance(pred_uncond: Tensor, pred_cond: Tensor, scale: float, rescale: floa
     if scale == 1.0:
         return pred_cond
     pred = pred_uncond + scale * (pred_cond - pred_uncond)
-    if rescale > 0:
-        dims = tuple(range(1, pred.ndim))
-        rescaled = pred * pred_cond.std(dim=dims, keepdim=True) / pred.std(dim=dims, keepdim=True)
-        pred = rescale * rescaled + (1 - rescale) * pred
-    return pred
+    return _rescale(pred, pred_cond, rescale) if rescale > 0 else pred
+
+
+def compositional_guidance(pred_uncond: Tensor, pred_text: Tensor, pred_full: Tensor, text_scale: float,
+                           control_scale: float, rescale: float = 0.0) -> Tensor:
+    """Separate guidance scales for text and control (the compositional form of InstructPix2Pix, Brooks et al.
+    2023, eq. 3, with text in place of the instruction and control metadata in place of the image):
+
+    ``pred = e(0, 0) + w_s (e(s, 0) - e(0, 0)) + w_c (e(s, c) - e(s, 0))``.
+
+    Args:
+        pred_uncond: Output with neither text nor control (null control), ``(B, ...)``.
+        pred_text: Output with the text and the null control.
+        pred_full: Output with the text and the control.
+        text_scale: ``w_s``.
+        control_scale: ``w_c``; with ``w_s = w_c = 1`` the result is ``pred_full`` (up to rounding).
+        rescale: Guidance rescale towards ``std(pred_full)``, as in :func:`guidance`.
+    """
+    if not pred_uncond.shape == pred_text.shape == pred_full.shape:
+        raise ValueError('compositional_guidance: the three predictions must have one shape')
+    pred = pred_uncond + text_scale * (pred_text - pred_uncond) + control_scale * (pred_full - pred_text)
+    return _rescale(pred, pred_full, rescale) if rescale > 0 else pred
+
+
+def _rescale(pred: Tensor, reference: Tensor, rescale: float) -> Tensor:
+    """Pull ``pred``'s per-sample std towards ``reference``'s (Lin et al. 2023, eq. 15-16)."""
+    if not 0.0 <= rescale <= 1.0:
+        raise ValueError(f'guidance rescale must be in [0, 1], got {rescale}')
+    dims = tuple(range(1, pred.ndim))
+    rescaled = pred * reference.std(dim=dims, keepdim=True) / pred.std(dim=dims, keepdim=True)
+    return rescale * rescaled + (1 - rescale) * pred
 
 
 # =============================================================================================
@@ -138,6 +164,8 @@ def sample(denoise_fn: DenoiseFn, scheduler, shape: tuple[int, ...], *, num_step
     """
     if num_steps < 1:
         raise ValueError(f'num_steps must be >= 1, got {num_steps}')
+    if isinstance(generator, list) and len(generator) != shape[0]:
+        raise ValueError(f'{len(generator)} generators for a batch of {shape[0]}: give one per image')
     scheduler.set_timesteps(num_steps, device=device)
     if init_noise is None:
         latents = randn_tensor(tuple(shape), generator=generator, device=torch.device(device), dtype=dtype)
@@ -165,8 +193,6 @@ class EDMHeunScheduler(EDMEulerScheduler):
     Each step from ``sigma_i`` to ``sigma_{i+1}`` takes two network evaluations (an Euler
     predictor, then a trapezoidal corrector); the last step to ``sigma = 0`` is a plain Euler step.
     ``timesteps`` therefore lists ``2 n - 1`` evaluations, in the order the loop must call them.
-    if isinstance(generator, list) and len(generator) != shape[0]:
-        raise ValueError(f'{len(generator)} generators for a batch of {shape[0]}: give one per image')
     Config and preconditioning are those of :class:`diffusers.EDMEulerScheduler`.
     """
 

@@ -5,7 +5,7 @@ The maths are small pure functions (closed-form, each citing its source); two sc
 the interface the ``LatentDiffusion`` model calls:
 
     prediction_type, sample_times, noise_like, add_noise, network_inputs, training_target,
-    loss_weight, make_scheduler, diffusers_config
+    loss_weight, make_scheduler, diffusers_config, noise_level, set_resolution_shift
 
 Sampling always goes through a diffusers scheduler configured to match the training schedule
 exactly, so that a diffusers pipeline loaded from our export reproduces our images.
@@ -193,6 +193,23 @@ def lognormal_sigmas(n: int, p_mean: float, p_std: float, *, device: torch.devic
 
 
 # =============================================================================================
+# Noise level in [0, 1] of the network's time input (gates control conditioning)
+# =============================================================================================
+
+
+def ddpm_noise_level(t: Tensor, num_train_timesteps: int) -> Tensor:
+    """``u = t / (T - 1)`` for integer DDPM timesteps (``T - 1`` is the noisiest step)."""
+    return (t.float() / (num_train_timesteps - 1)).clamp(0.0, 1.0)
+
+
+def edm_noise_level(c_noise: Tensor, sigma_min: float, sigma_max: float) -> Tensor:
+    """``u = (ln sigma - ln sigma_min) / (ln sigma_max - ln sigma_min)``, clipped, from EDM's
+    ``c_noise = ln(sigma) / 4`` (Karras et al. 2022, Table 1), which is what the network receives."""
+    lo, hi = math.log(sigma_min), math.log(sigma_max)
+    return ((4.0 * c_noise.float() - lo) / (hi - lo)).clamp(0.0, 1.0)
+
+
+# =============================================================================================
 # Schedule classes
 # =============================================================================================
 
@@ -246,12 +263,21 @@ class DDPMSchedule:
         self.prediction_type = prediction_type
         self.loss_weighting, self.min_snr_gamma = loss_weighting, min_snr_gamma
         self.zero_terminal_snr, self.offset_noise = zero_terminal_snr, offset_noise
-        self.resolution_shift, self.timestep_spacing = resolution_shift, timestep_spacing
+        self.timestep_spacing = timestep_spacing
         self._base = self._base_alphas_cumprod()
-        shifted = shift_alphas_cumprod(self._base, resolution_shift) if resolution_shift != 1.0 else self._base
+        self.set_resolution_shift(resolution_shift)
+
+    def set_resolution_shift(self, shift: float) -> None:
+        """(Re)build ``alphas_cumprod`` with the SNR divided by ``shift**2`` (resolution transfer)."""
+        self.resolution_shift = float(shift)
+        shifted = shift_alphas_cumprod(self._base, shift) if shift != 1.0 else self._base
         self._shifted = shifted
-        final = rescale_zero_terminal_snr(shifted) if zero_terminal_snr else shifted
+        final = rescale_zero_terminal_snr(shifted) if self.zero_terminal_snr else shifted
         self.alphas_cumprod = final.to(torch.float32)  # (T,)
+
+    def noise_level(self, t_in: Tensor) -> Tensor:
+        """Noise level in ``[0, 1]`` (1 = pure noise) of the network's time input: ``t / (T - 1)``."""
+        return ddpm_noise_level(t_in, self.num_train_timesteps)
 
     def _base_alphas_cumprod(self) -> Tensor:
         T = self.num_train_timesteps
@@ -348,6 +374,8 @@ class EDMSchedule:
         sigma_max: Largest sampling sigma.
         rho: Exponent of the Karras sampling-time discretisation.
         offset_noise: Scale of per-channel offset noise.
+        resolution_shift: Resolution transfer: training ``ln(sigma)`` moves up by ``ln(resolution_shift)``
+            (``sigma' = shift * sigma``, the variance-exploding form of simple diffusion's SNR / shift^2).
     """
 
     prediction_type = 'edm'
@@ -362,6 +390,18 @@ class EDMSchedule:
         self.sigma_data, self.base_p_mean, self.p_std = sigma_data, p_mean, p_std
         self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
         self.offset_noise = offset_noise
+        self.set_resolution_shift(resolution_shift)
+
+    def set_resolution_shift(self, shift: float) -> None:
+        """Training ``P_mean = base P_mean + ln(shift)`` (resolution transfer)."""
+        if shift <= 0:
+            raise ValueError(f'resolution shift must be positive, got {shift}')
+        self.resolution_shift = float(shift)
+        self.p_mean = self.base_p_mean + math.log(shift)
+
+    def noise_level(self, t_in: Tensor) -> Tensor:
+        """Noise level in ``[0, 1]`` of the network's time input ``c_noise``, over ``[sigma_min, sigma_max]``."""
+        return edm_noise_level(t_in, self.sigma_min, self.sigma_max)
 
     def sample_times(self, n: int, *, device: torch.device | str | None = None,
                      generator: torch.Generator | None = None) -> Tensor:

@@ -16,6 +16,11 @@ Registered as ``image_caption`` in ``diffusion.registry.dataloaders``; a YAML us
       crop: random               # center | random | aspect_buckets
       random_flip: true
       caption_dropout: 0.1
+      # Shards written by other tools: column names, and whether their latents are already scaled.
+      # image_key: jpg            # mosaicml/diffusion LAION and micro_diffusion image shards
+      # caption_key: captions     # a list column gives one caption drawn per sample (COCO's five)
+      # latents_scaled: true      # micro_diffusion's latent shards (latents_256 = VAE mean-or-sample * scale)
+      control_dropout: 0.1       # disentangled conditioning: the model's null control (flag control_dropped)
 """
 from __future__ import annotations
 
@@ -44,20 +49,42 @@ def aspect_buckets(resolution: int, ratios: Sequence[float] = BUCKET_RATIOS) -> 
     return buckets
 
 
-def _resize_crop(image: Image.Image, size: tuple[int, int], frac: tuple[float, float]) -> tuple[Image.Image, int, int]:
+def _resize_crop(image: Image.Image, size: tuple[int, int], frac: tuple[float, float],
+                 flip: bool = False) -> tuple[Image.Image, int, int]:
     """Resize ``image`` to cover ``size`` (h, w) keeping aspect, crop at fractional offset ``frac``.
 
+    With ``flip`` (the caller mirrors the crop) the reported left offset is that of the same crop in the mirrored
+    resized image, ``new_w - w - left``: SDXL flips before cropping, so its crop conditioning is in the flipped
+    frame (Podell et al. 2023, Sec. 2.2).
+
     Returns:
-        The cropped image and the crop's (top, left) in the resized image.
+        The cropped image (not mirrored) and the crop's (top, left) in the (mirrored if ``flip``) resized image.
     """
     height, width = size
-    scale = max(height / image.height, width / image.width)
-    new_w, new_h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
+    new_h, new_w = cover_size(image.height, image.width, size)
     if (new_w, new_h) != image.size:
         image = image.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
     top = int(round((new_h - height) * frac[0]))
     left = int(round((new_w - width) * frac[1]))
-    return image.crop((left, top, left + width, top + height)), top, left
+    crop = image.crop((left, top, left + width, top + height))
+    return crop, top, (new_w - width - left) if flip else left
+
+
+def cover_size(height: int, width: int, size: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of a ``height`` x ``width`` image resized, keeping its aspect, to cover ``size`` (h, w)."""
+    scale = max(size[0] / height, size[1] / width)
+    return max(size[0], round(height * scale)), max(size[1], round(width * scale))
+
+
+def center_crop(image: Image.Image, size: int | None = None) -> Image.Image:
+    """Centre square of ``image``, resized to ``size`` x ``size`` (``None``: the square's own side).
+
+    The one centre crop of the project: the dataset's ``crop: center``, precomputed latents, captioning and
+    the evaluation reference images all cut the same square (resize to cover, then crop the middle).
+    """
+    image = image.convert('RGB')
+    side = size or min(image.size)
+    return _resize_crop(image, (side, side), (0.5, 0.5))[0]
 
 
 def _to_tensor(image: Image.Image, flip: bool) -> torch.Tensor:
@@ -82,9 +109,21 @@ class StreamingImageCaptionDataset(StreamingDataset):
         crop: ``center``, ``random`` or ``aspect_buckets`` (the batch's collate picks one bucket).
         random_flip: Mirror images horizontally with probability 0.5 (pixel mode only).
         caption_dropout: Probability of replacing the caption by "" (flagged ``caption_dropped``).
+        control_dropout: Probability, independent of caption dropout, that the model replaces this sample's
+            control metadata by its learned null control (flagged ``control_dropped``; disentangled backbones).
         use_latents: False for pixels; True for column ``latents_<resolution>``; an int or str picks
             the column (``512`` or ``'latents_512'``).
         seed: Seed of the per-sample random choices (default: ``shuffle_seed``).
+        image_key: Column of the image (encoded bytes or a decoded ``jpeg``/``png``/``pil`` column): ``image``
+            here; ``jpg`` in mosaicml/diffusion's LAION and micro_diffusion's shards.
+        caption_key: Column of the caption: a string, or a list of strings (``json``), of which one is drawn
+            per sample and epoch (``captions`` in mosaicml/diffusion's COCO shards, five per image).
+        latents_scaled: Whether the stored latents are already multiplied by the VAE scaling factor. Ours are
+            RAW (``False``, the default for ``ndarray`` columns); micro_diffusion's ``latents_<res>`` fp16 bytes
+            are scaled: set ``true``, and the model uses them as they are (``latents_scaled`` in the batch).
+            Raw-bytes latent columns require the setting, since nothing in them says which they are.
+        text_length: Tokens per caption in micro_diffusion's flat ``<caption_key>_latents`` fp16 bytes
+            (77 x D), read as ``text_hidden`` with an all-ones ``text_mask``.
         **kwargs: Passed to ``streaming.StreamingDataset`` (``shuffle``, ``shuffle_seed``,
             ``batch_size``, ``predownload``, ``cache_limit``, ...).
     """
@@ -99,13 +138,20 @@ class StreamingImageCaptionDataset(StreamingDataset):
                  crop: str = 'center',
                  random_flip: bool = False,
                  caption_dropout: float = 0.0,
+                 control_dropout: float = 0.0,
                  use_latents: bool | int | str = False,
                  seed: int | None = None,
+                 image_key: str = 'image',
+                 caption_key: str = 'caption',
+                 latents_scaled: bool | None = None,
+                 text_length: int = 77,
                  **kwargs: Any) -> None:
         if crop not in CROP_MODES:
             raise ValueError(f'crop must be one of {CROP_MODES}, got {crop!r}')
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f'caption_dropout must be in [0, 1], got {caption_dropout}')
+        if not 0.0 <= control_dropout <= 1.0:
+            raise ValueError(f'control_dropout must be in [0, 1], got {control_dropout}')
         self.latent_column = self._latent_column(use_latents, resolution)
         if self.latent_column and random_flip:
             raise ValueError('random_flip cannot be applied to precomputed latents; set random_flip: false '
@@ -119,7 +165,10 @@ class StreamingImageCaptionDataset(StreamingDataset):
         self.crop = crop
         self.random_flip = bool(random_flip)
         self.caption_dropout = float(caption_dropout)
+        self.control_dropout = float(control_dropout)
         self.seed = int(self.shuffle_seed if seed is None else seed)
+        self.image_key, self.caption_key = image_key, caption_key
+        self.latents_scaled, self.text_length = latents_scaled, int(text_length)
 
     @staticmethod
     def _latent_column(use_latents: bool | int | str, resolution: int) -> str | None:
@@ -139,34 +188,61 @@ class StreamingImageCaptionDataset(StreamingDataset):
         row = super().get_item(sample_id, retry=retry)
         rng = self._rng(sample_id)
         dropped = bool(rng.random() < self.caption_dropout)
-        caption = row.get('caption', '')
+        caption = self._caption(row, sample_id)
         out: dict[str, Any] = {'caption': '' if dropped else caption,
                                'caption_dropped': torch.tensor(dropped)}
         if self.latent_column:
             out.update(self._latent_fields(row))
         else:
             out.update(self._pixel_fields(row, rng))
+        # Drawn last so the other choices of a sample do not depend on whether control dropout is used.
+        out['control_dropped'] = torch.tensor(bool(rng.random() < self.control_dropout))
         return out
+
+    def _caption(self, row: dict[str, Any], sample_id: int) -> str:
+        if self.caption_key not in row:
+            raise KeyError(f'caption column {self.caption_key!r} not in this dataset (columns: {sorted(row)}); '
+                           'set caption_key')
+        caption = row[self.caption_key]
+        if isinstance(caption, (list, tuple)):  # e.g. COCO's five captions: one per sample and epoch
+            if not caption:
+                return ''
+            # A stream of its own, so the other random choices of a sample stay the same.
+            epoch = max(0, self.next_epoch - 1)
+            pick = np.random.default_rng([self.seed, epoch, int(sample_id), 1]).integers(len(caption))
+            caption = caption[int(pick)]
+        return caption.decode('utf-8') if isinstance(caption, bytes) else str(caption)
 
     def _latent_fields(self, row: dict[str, Any]) -> dict[str, Any]:
         if self.latent_column not in row:
             raise KeyError(f'column {self.latent_column!r} not in this dataset (columns: {sorted(row)}); '
                            f'run convert/precompute_latents.py at this resolution or set use_latents')
-        latents = torch.from_numpy(np.asarray(row[self.latent_column], dtype=np.float32))  # (C, h, w)
-        out = {'latents': latents}
+        side = int(self.latent_column.rsplit('_', 1)[-1])
+        stored, scaled = row[self.latent_column], self.latents_scaled
+        if isinstance(stored, (bytes, bytearray)):
+            if scaled is None:
+                raise ValueError(f'{self.latent_column} holds raw fp16 bytes written by another tool: set '
+                                 'latents_scaled (true for micro_diffusion\'s shards, whose latents are multiplied '
+                                 'by the VAE scaling factor; false if they are raw)')
+            # micro_diffusion's layout: C x (res/8) x (res/8) fp16, as its own loader reshapes them.
+            stored = np.frombuffer(stored, dtype=np.float16).reshape(-1, side // 8, side // 8)
+        out = {'latents': torch.from_numpy(np.asarray(stored, dtype=np.float32)),  # (C, h, w)
+               'latents_scaled': torch.tensor(bool(scaled))}
         for name in ('text_hidden', 'text_mask', 'text_pooled'):
             if name in row:
                 out[name] = torch.from_numpy(np.asarray(row[name], dtype=np.float32))
+        flat_text = row.get(f'{self.caption_key}_latents')  # micro_diffusion: (text_length x D) fp16 bytes
+        if 'text_hidden' not in out and isinstance(flat_text, (bytes, bytearray)):
+            hidden = np.frombuffer(flat_text, dtype=np.float16).reshape(self.text_length, -1)  # (L, D)
+            out['text_hidden'] = torch.from_numpy(hidden.astype(np.float32))
+            out['text_mask'] = torch.ones(self.text_length, dtype=torch.float32)
         # Micro-conditioning of the centre crop that convert/precompute_latents.py encoded: the latent column's
-        # resolution is the (square) target size; the crop offset follows from the original size as in
-        # _resize_crop with frac (0.5, 0.5).
-        side = int(self.latent_column.rsplit('_', 1)[-1])
+        # resolution is the (square) target size; the crop offset is that of _resize_crop with frac (0.5, 0.5).
         height, width = int(row.get('height', 0)), int(row.get('width', 0))
         top = left = 0
         if height > 0 and width > 0:
-            scale = side / min(height, width)
-            top = int(round((max(side, round(height * scale)) - side) * 0.5))
-            left = int(round((max(side, round(width * scale)) - side) * 0.5))
+            new_h, new_w = cover_size(height, width, (side, side))
+            top, left = int(round((new_h - side) * 0.5)), int(round((new_w - side) * 0.5))
         out['original_size'] = torch.tensor([height, width], dtype=torch.long)
         out['crop_top_left'] = torch.tensor([top, left], dtype=torch.long)
         out['target_size'] = torch.tensor([side, side], dtype=torch.long)
@@ -174,7 +250,10 @@ class StreamingImageCaptionDataset(StreamingDataset):
         return out
 
     def _pixel_fields(self, row: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        image = row['image']
+        if self.image_key not in row:
+            raise KeyError(f'image column {self.image_key!r} not in this dataset (columns: {sorted(row)}); set '
+                           'image_key, or use_latents for a dataset of precomputed latents')
+        image = row[self.image_key]
         if isinstance(image, (bytes, bytearray)):
             image = Image.open(io.BytesIO(image))
         image = image.convert('RGB')
@@ -187,7 +266,7 @@ class StreamingImageCaptionDataset(StreamingDataset):
             out.update(image=image, _frac=frac)
             return out
         size = (self.resolution, self.resolution)
-        crop, top, left = _resize_crop(image, size, frac)
+        crop, top, left = _resize_crop(image, size, frac, flip)
         out['image'] = _to_tensor(crop, flip)
         out['crop_top_left'] = torch.tensor([top, left], dtype=torch.long)
         out['target_size'] = torch.tensor(size, dtype=torch.long)
@@ -214,7 +293,7 @@ class ImageCaptionCollate:
         out = []
         for sample in samples:
             sample = dict(sample)
-            crop, top, left = _resize_crop(sample.pop('image'), size, sample.pop('_frac'))
+            crop, top, left = _resize_crop(sample.pop('image'), size, sample.pop('_frac'), bool(sample['flip']))
             sample['image'] = _to_tensor(crop, bool(sample['flip']))
             sample['crop_top_left'] = torch.tensor([top, left], dtype=torch.long)
             sample['target_size'] = torch.tensor(size, dtype=torch.long)
@@ -236,7 +315,12 @@ def build_image_caption_dataloader(batch_size: int,
                                    crop: str = 'center',
                                    random_flip: bool = False,
                                    caption_dropout: float = 0.0,
+                                   control_dropout: float = 0.0,
                                    use_latents: bool | int | str = False,
+                                   image_key: str = 'image',
+                                   caption_key: str = 'caption',
+                                   latents_scaled: bool | None = None,
+                                   text_length: int = 77,
                                    shuffle: bool = True,
                                    num_workers: int = 0,
                                    drop_last: bool = True,
@@ -257,7 +341,12 @@ def build_image_caption_dataloader(batch_size: int,
         crop: ``center``, ``random`` or ``aspect_buckets``.
         random_flip: Horizontal flip with probability 0.5 (pixel mode only).
         caption_dropout: Probability of an empty caption, applied at load time.
+        control_dropout: Probability of the null control (``control_dropped``), independent of captions.
         use_latents: Read precomputed latent columns instead of pixels (see the dataset).
+        image_key: Image column (``image``; ``jpg`` for mosaicml/diffusion LAION and micro_diffusion shards).
+        caption_key: Caption column; a list column gives one caption drawn per sample.
+        latents_scaled: Stored latents are already multiplied by the VAE scaling factor (micro_diffusion's).
+        text_length: Tokens per caption of micro_diffusion's flat ``<caption_key>_latents`` bytes.
         shuffle: Shuffle (streaming's deterministic, seeded shuffle).
         num_workers: DataLoader worker processes.
         drop_last: Drop the last incomplete batch.
@@ -277,7 +366,9 @@ def build_image_caption_dataloader(batch_size: int,
         streams = [dict(v) for v in streams.values()]  # type: ignore[union-attr]
     dataset = StreamingImageCaptionDataset(
         streams=streams, remote=remote, local=local, split=split, resolution=resolution, crop=crop,
-        random_flip=random_flip, caption_dropout=caption_dropout, use_latents=use_latents,
+        random_flip=random_flip, caption_dropout=caption_dropout, control_dropout=control_dropout,
+        use_latents=use_latents,
+        image_key=image_key, caption_key=caption_key, latents_scaled=latents_scaled, text_length=text_length,
         shuffle=shuffle, batch_size=batch_size, **streaming_kwargs)
     loader_kwargs: dict[str, Any] = {}
     if num_workers > 0:

@@ -25,7 +25,10 @@ from torch import nn
 from torchmetrics import MeanMetric, Metric
 
 from diffusion import registry
-from diffusion.samplers import STOCHASTIC_SAMPLERS, Generators, generators_for, guidance, sample
+from diffusion.models.conditioning import (adapt_position_entries, batch_controls, generation_controls,
+                                           noisy_replicate_padding)
+from diffusion.samplers import (STOCHASTIC_SAMPLERS, Generators, compositional_guidance, generators_for, guidance,
+                                sample)
 
 log = logging.getLogger(__name__)
 
@@ -46,30 +49,53 @@ class LatentDiffusion(ComposerModel):
         text_encoder: Frozen :class:`~diffusion.models.text_encoders.TextEncoder`; optional with precomputed
             text states (then ``empty_caption_path`` is needed for caption dropout, and ``generate`` needs it).
         scaling_factor: Latent scale; defaults to the autoencoder's.
+        shift_factor: Latent shift, subtracted before scaling; defaults to the autoencoder's (0 without one).
         use_text_mask: Pass the padding mask to cross-attention (right for BERT-style encoders; SD's CLIP
             encoders are used without one).
         use_time_ids: Pass SDXL micro-conditioning (original size, crop, target size) to the backbone.
-        shift_factor: Latent shift, subtracted before scaling; defaults to the autoencoder's (0 without one).
         empty_caption_path: ``empty_caption.safetensors`` written by ``convert/precompute_latents.py``: the
             text states of the empty caption, used for rows the dataloader dropped (classifier-free guidance).
         eval_seed: Seed of the fixed noise and timesteps used for validation loss, so evaluations compare.
+        text_padding: ``encoder`` (the encoder's own padding states) or ``noisy_replicate`` (padding positions
+            filled with copies of the real token states, plus noise in training; see
+            ``diffusion.models.conditioning.noisy_replicate_padding``), applied after the encoder and to
+            precomputed text states at load time, never stored.
+        text_padding_noise: Noise of ``noisy_replicate`` padding, relative to the token-state std.
+        resolution: Training image side in pixels. When set, the model records it (and ``base_resolution``) in
+            its state, and loading a checkpoint recorded at another resolution adapts by itself: the noise
+            schedule is shifted by ``resolution / base_resolution`` and position tables are resampled or rebuilt.
+        base_resolution: Resolution the noise schedule is designed for (default: a loaded checkpoint's base, else
+            ``resolution``); the schedule's shift is ``resolution / base_resolution``.
     """
 
     def __init__(self, backbone: nn.Module, noise_schedule: Any, autoencoder: Optional[nn.Module] = None,
                  text_encoder: Optional[nn.Module] = None, scaling_factor: Optional[float] = None,
                  use_text_mask: bool = False, use_time_ids: bool = False,
-                 empty_caption_path: Optional[str] = None, eval_seed: int = 1234,
-                 shift_factor: Optional[float] = None) -> None:
+                 empty_caption_path: Optional[str] = None, eval_seed: int = 1234, text_padding: str = 'encoder',
+                 text_padding_noise: float = 0.0, resolution: Optional[int] = None,
+                 base_resolution: Optional[int] = None, shift_factor: Optional[float] = None) -> None:
         super().__init__()
+        if text_padding not in ('encoder', 'noisy_replicate'):
+            raise ValueError(f"text_padding must be 'encoder' or 'noisy_replicate', got {text_padding!r}")
+        self.text_padding, self.text_padding_noise = text_padding, float(text_padding_noise)
         self.backbone = backbone
         self.autoencoder = autoencoder
         self.text_encoder = text_encoder
         self.noise_schedule = noise_schedule
+        # Composer's FSDP wraps each child of a ComposerModel unless it is marked `_fsdp_wrap = False`: the frozen
+        # encoders stay whole (replicated) on every rank and only the trainable backbone is sharded, per block
+        # (the backbone's `fsdp_wrap_fn`).
+        for frozen in (autoencoder, text_encoder):
+            if frozen is not None:
+                frozen._fsdp_wrap = False
         if scaling_factor is None:
             if autoencoder is None:
                 raise ValueError('scaling_factor is required when no autoencoder is given')
             scaling_factor = autoencoder.scaling_factor
         self.scaling_factor = float(scaling_factor)
+        if shift_factor is None:
+            shift_factor = getattr(autoencoder, 'shift_factor', 0.0) if autoencoder is not None else 0.0
+        self.shift_factor = float(shift_factor)
         self.use_text_mask = use_text_mask
         self.use_time_ids = use_time_ids
         self.eval_seed = eval_seed
@@ -78,6 +104,41 @@ class LatentDiffusion(ComposerModel):
             from safetensors.torch import load_file
             self._empty_text = load_file(str(Path(empty_caption_path)))
         self.val_loss = MeanMetric()
+        self.resolution, self._base_resolution_arg = resolution, base_resolution
+        if resolution is not None:
+            base = base_resolution or resolution
+            self.register_buffer('resolution_record', torch.tensor([base, resolution]))  # saved in checkpoints
+            self._shift_schedule(base)
+            self.register_load_state_dict_pre_hook(self._adapt_resolution)
+
+    # ------------------------------------------------------------------ resolution transfer
+    def _shift_schedule(self, base: int) -> str:
+        """Shift the noise schedule by ``resolution / base`` (DDPM: SNR / s^2; EDM: P_mean + ln s)."""
+        shift = self.resolution / base
+        if shift != 1.0:
+            self.noise_schedule.set_resolution_shift(shift)
+        return f'noise schedule shift {self.noise_schedule.resolution_shift:g} ({type(self.noise_schedule).__name__})'
+
+    def _adapt_resolution(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Load hook: adapt to a checkpoint recorded at another resolution (schedule shift, position tables)."""
+        key = prefix + 'resolution_record'
+        if key not in state_dict:
+            return
+        ckpt_base, ckpt_res = (int(v) for v in state_dict[key].tolist())
+        base = self._base_resolution_arg or ckpt_base
+        if (base, self.resolution) == tuple(int(v) for v in self.resolution_record.tolist()) \
+                and ckpt_res == self.resolution:
+            return
+        adapt = getattr(self.backbone, 'adapt_resolution', None)  # e.g. rebuild a sin-cos table, scale res/base
+        if adapt is not None:
+            adapt(self.resolution / base)
+        changes = adapt_position_entries(self.backbone, state_dict, prefix + 'backbone.')
+        shifted = self._shift_schedule(base)
+        state_dict[key] = torch.tensor([base, self.resolution])
+        self.resolution_record.copy_(state_dict[key])
+        log.info('resolution transfer: checkpoint trained at %d px (schedule base %d px), model at %d px: %s; %s',
+                 ckpt_res, ckpt_base, self.resolution, shifted,
+                 '; '.join(changes) if changes else 'no position tables to adapt')
 
     # ------------------------------------------------------------------ parts of a step
     def scale(self, raw_latents: torch.Tensor) -> torch.Tensor:
@@ -92,9 +153,6 @@ class LatentDiffusion(ComposerModel):
         """Images in [-1,1] -> scaled latents."""
         if self.autoencoder is None:
             raise RuntimeError('this model has no autoencoder: feed precomputed `latents`')
-        if shift_factor is None:
-            shift_factor = getattr(autoencoder, 'shift_factor', 0.0) if autoencoder is not None else 0.0
-        self.shift_factor = float(shift_factor)
         return self.scale(self.autoencoder.encode(images))
 
     def encode_text(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -134,11 +192,21 @@ class LatentDiffusion(ComposerModel):
                     cond[key] = torch.where(keep.view(shape), cond[key], empty[key].to(cond[key].dtype))
         else:
             cond = self.encode_text(batch['caption'])
-        return self._backbone_kwargs(cond, batch)
+        return self._backbone_kwargs(self.pad_text(cond), batch)
+
+    def pad_text(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Apply the ``text_padding`` option to encoder output or precomputed text states."""
+        if self.text_padding == 'encoder':
+            return cond
+        noise = self.text_padding_noise if self.training else 0.0  # sampling replicates without noise
+        return {**cond, 'text_hidden': noisy_replicate_padding(cond['text_hidden'], cond['text_mask'], noise)}
 
     def _backbone_kwargs(self, cond: dict[str, torch.Tensor], batch: Optional[dict[str, Any]] = None,
-                         size: Optional[tuple[int, int]] = None) -> dict[str, torch.Tensor]:
+                         size: Optional[tuple[int, int]] = None,
+                         controls: Optional[dict[str, Any]] = None) -> dict[str, torch.Tensor]:
         kwargs = {'text_hidden': cond['text_hidden']}
+        if getattr(self.backbone, 'uses_controls', False):
+            kwargs.update(self._control_kwargs(cond['text_hidden'], batch, size, controls))
         if self.use_text_mask:
             kwargs['text_mask'] = cond['text_mask']
         if 'text_pooled' in cond:
@@ -149,14 +217,34 @@ class LatentDiffusion(ComposerModel):
                 time_ids = torch.cat([batch['original_size'], batch['crop_top_left'], batch['target_size']], dim=1)
             else:  # generation: the image is the whole, uncropped picture at the target size
                 h, w = size if size is not None else (0, 0)
-                time_ids = torch.tensor([[h, w, 0, 0, h, w]]).expand(n, 6)
+                time_ids = generation_controls(n, h, w, controls)[:, :6]  # (B, 6)
             kwargs['time_ids'] = time_ids.to(cond['text_hidden'].device, torch.float32)  # (B, 6)
         return kwargs
+
+    @staticmethod
+    def _control_kwargs(text_hidden: torch.Tensor, batch: Optional[dict[str, Any]], size: Optional[tuple[int, int]],
+                        controls: Optional[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """``controls`` (B, 8) and ``control_dropped`` (B,) for a disentangled backbone."""
+        n, device = text_hidden.shape[0], text_hidden.device
+        values = batch_controls(batch) if batch is not None else None
+        if values is None:  # generation: by default the whole, uncropped picture at the output size
+            h, w = size if size is not None else (0, 0)
+            values = generation_controls(n, h, w, controls)
+        dropped = batch.get('control_dropped') if batch is not None else None
+        dropped = torch.zeros(n, dtype=torch.bool) if dropped is None else dropped.bool()
+        return {'controls': values.to(device, torch.float32), 'control_dropped': dropped.to(device)}
+
+    def call_backbone(self, x_in: torch.Tensor, t_in: torch.Tensor, cond: dict[str, torch.Tensor],
+                      **extra: Any) -> Any:
+        """The backbone on network inputs; a backbone with controls also gets the noise level (its gate)."""
+        if getattr(self.backbone, 'uses_controls', False):
+            cond = {**cond, 'noise_level': self.noise_schedule.noise_level(t_in)}
+        return self.backbone(x_in, t_in, **cond, **extra)
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], **extra: Any) -> Any:
         """Raw backbone output for noisy latents ``x_t`` at times ``t`` (``extra``: backbone options)."""
         x_in, t_in = self.noise_schedule.network_inputs(x_t, t)
-        return self.backbone(x_in, t_in, **cond, **extra)
+        return self.call_backbone(x_in, t_in, cond, **extra)
 
     # ------------------------------------------------------------------ composer interface
     def _diffusion_step(self, batch: dict[str, Any], generator: Optional[torch.Generator] = None):
@@ -223,7 +311,8 @@ class LatentDiffusion(ComposerModel):
                  guidance_scale: float = 7.5, guidance_rescale: float = 0.0, sampler: str = 'ddim',
                  seed: Union[int, Sequence[int], None] = None, generator: Generators = None,
                  latents: Optional[torch.Tensor] = None, output_type: str = 'pt',
-                 progress_bar: bool = False) -> Union[torch.Tensor, list]:
+                 progress_bar: bool = False, control_guidance_scale: Optional[float] = None,
+                 micro_conditioning: Optional[dict[str, Any]] = None) -> Union[torch.Tensor, list]:
         """Text-to-image with classifier-free guidance.
 
         Args:
@@ -244,6 +333,12 @@ class LatentDiffusion(ComposerModel):
                 must then be given.
             output_type: ``'pt'`` for a (B,3,H,W) tensor in [0,1], ``'pil'`` for PIL images, ``'latent'``.
             progress_bar: Show a tqdm bar over steps.
+            control_guidance_scale: A separate guidance scale for the control metadata (disentangled backbones
+                trained with control dropout): three branches per step, see
+                :func:`~diffusion.samplers.compositional_guidance`. None: text-only guidance, the control kept
+                in both branches.
+            micro_conditioning: Control metadata to ask for instead of the output's own (``original_size``,
+                ``crop_top_left``, ``target_size``, ``flip``); used by SDXL time ids and disentangled controls.
         """
         if self.autoencoder is None and output_type != 'latent':
             raise RuntimeError('generate() needs the autoencoder to decode images')
@@ -256,20 +351,19 @@ class LatentDiffusion(ComposerModel):
         if latents is not None and seed is None and generator is None and sampler in STOCHASTIC_SAMPLERS:
             raise ValueError(f'sampler {sampler!r} draws noise at every step: give seed(s) with `latents`')
         generator = generators_for(n, seed, generator)  # CPU generators, on every device
-        cond = self._backbone_kwargs(self.encode_text(prompts), size=(height, width))
-        do_cfg = guidance_scale != 1.0
-        if do_cfg:
-            uncond_text = self.encode_text(negative_prompts) if negative_prompts is not None \
-                else self.empty_text(n, device)
-            uncond = self._backbone_kwargs(uncond_text, size=(height, width))
-            cond = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+        branches = self._guidance_branches(prompts, negative_prompts, (height, width), guidance_scale,
+                                           control_guidance_scale, micro_conditioning)
+        k = len(branches)
+        cond = {key: torch.cat([b[key] for b in branches]) for key in branches[0]}
 
         def denoise_fn(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if not do_cfg:
-                return self.backbone(x_in, t.expand(x_in.shape[0]).to(device), **cond)
-            out = self.backbone(torch.cat([x_in, x_in]), t.expand(2 * x_in.shape[0]).to(device), **cond)
-            out_uncond, out_cond = out.chunk(2)
-            return guidance(out_uncond, out_cond, guidance_scale, guidance_rescale)
+            out = self.call_backbone(torch.cat([x_in] * k), t.expand(k * x_in.shape[0]).to(device), cond)
+            outs = out.chunk(k)
+            if k == 1:
+                return outs[0]
+            if k == 2:
+                return guidance(outs[0], outs[1], guidance_scale, guidance_rescale)
+            return compositional_guidance(*outs, guidance_scale, control_guidance_scale, guidance_rescale)
 
         scheduler = self.noise_schedule.make_scheduler(sampler)
         shape = (n, channels, height // factor, width // factor)
@@ -283,6 +377,27 @@ class LatentDiffusion(ComposerModel):
             arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype('uint8')
             return [Image.fromarray(a) for a in arr]
         return images
+
+
+    def _guidance_branches(self, prompts: Sequence[str], negative_prompts: Optional[Sequence[str]],
+                           size: tuple[int, int], text_scale: float, control_scale: Optional[float],
+                           controls: Optional[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
+        """Backbone kwargs of each guidance branch: [full], [uncond, full] or [uncond, text only, full]."""
+        n = len(prompts)
+        device = next(self.backbone.parameters()).device
+        full = self._backbone_kwargs(self.pad_text(self.encode_text(prompts)), size=size, controls=controls)
+        if text_scale == 1.0 and control_scale is None:
+            return [full]
+        uncond_text = self.encode_text(negative_prompts) if negative_prompts is not None \
+            else self.empty_text(n, device)
+        uncond = self._backbone_kwargs(self.pad_text(uncond_text), size=size, controls=controls)
+        if control_scale is None:  # two branches: the control stays in both, only the text is guided
+            return [uncond, full]
+        if 'control_dropped' not in full:
+            raise ValueError('control_guidance_scale needs a backbone with disentangled conditioning (trained with '
+                             'control dropout); this one has no null control')
+        null = torch.ones_like(full['control_dropped'])
+        return [{**uncond, 'control_dropped': null}, {**full, 'control_dropped': null}, full]
 
 
 @registry.models.register('latent_diffusion')
