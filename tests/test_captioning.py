@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from diffusion.data.captioning import Captioner, center_crop_resize, clean_caption, degenerate_reason
+from diffusion.data.captioning import Captioner, degenerate_reason, strip_prompt
+from diffusion.data.dataset import center_crop
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,16 +38,16 @@ def test_degenerate_reason(text, prompt, reason):
     assert degenerate_reason(text, prompt) == reason
 
 
-def test_clean_caption_strips_prompt_and_spaces():
-    assert clean_caption('  A photo of   a red  bus ', 'a photo of') == 'a red bus'
-    assert clean_caption('a red bus', None) == 'a red bus'
+def test_strip_prompt_strips_prompt_and_spaces():
+    assert strip_prompt('  A photo of   a red  bus ', 'a photo of') == 'a red bus'
+    assert strip_prompt('a red bus', None) == 'a red bus'
 
 
-def test_center_crop_resize():
+def test_center_crop_keeps_the_middle():
     from PIL import Image
     image = Image.new('RGB', (120, 40), (255, 0, 0))
     image.paste((0, 0, 255), (40, 0, 80, 40))  # blue centre square
-    out = center_crop_resize(image, 64)
+    out = center_crop(image, 64)
     assert out.size == (64, 64)
     assert out.getpixel((32, 32)) == (0, 0, 255) and out.getpixel((2, 2))[2] > 200  # only the centre is kept
 

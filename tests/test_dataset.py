@@ -146,7 +146,8 @@ def test_latent_mode(latent_set):
     assert batch['text_hidden'].shape == (4, 6, 8) and batch['text_pooled'].shape == (4, 8)
     assert batch['text_mask'][0].tolist() == [1, 1, 1, 0, 0, 0]
     assert batch['caption_dropped'].all() and batch['original_size'][0].tolist() == [48, 64]
-    # The precomputed centre crop: 48x64 covered at side 32 -> 32x43, crop offset (0, 5), target 32x32.
+    # The precomputed centre crop: 48x64 covered at side 32 -> 32x43, crop offset (0, round(11 / 2)) = (0, 6)
+    # (Python rounds 5.5 half to even), target 32x32.
     assert batch['target_size'][0].tolist() == [32, 32] and batch['crop_top_left'][0].tolist() == [0, 6]
     _free(spec)
     with pytest.raises(ValueError, match='random_flip'):

@@ -19,10 +19,12 @@ from typing import Any, Optional, Sequence
 import torch
 from PIL import Image
 
+from diffusion.data.dataset import center_crop
+
 log = logging.getLogger(__name__)
 
-__all__ = ['DEFAULT_MODEL', 'DEFAULT_GENERATION', 'Captioner', 'GenerationSettings', 'center_crop_resize',
-           'clean_caption', 'degenerate_reason']
+__all__ = ['DEFAULT_MODEL', 'DEFAULT_GENERATION', 'Captioner', 'GenerationSettings', 'strip_prompt',
+           'degenerate_reason']
 
 DEFAULT_MODEL = 'Salesforce/blip2-opt-2.7b'
 
@@ -56,22 +58,6 @@ class GenerationSettings:
 
 
 DEFAULT_GENERATION = GenerationSettings()
-
-
-# ---------------------------------------------------------------------------------------------
-# Images
-# ---------------------------------------------------------------------------------------------
-def center_crop_resize(image: Image.Image, size: int = 512) -> Image.Image:
-    """Centre-crop to a square and resize to ``size`` x ``size`` (as CommonCanvas prepared images for BLIP-2).
-
-    Images smaller than ``size`` are upsampled, so every image reaches the captioner at the same scale.
-    """
-    image = image.convert('RGB')
-    w, h = image.size
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    square = image.crop((left, top, left + side, top + side))
-    return square.resize((size, size), Image.Resampling.BICUBIC) if side != size else square
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,8 +102,11 @@ def degenerate_reason(caption: str, prompt: Optional[str] = None, min_words: int
     return None
 
 
-def clean_caption(text: str, prompt: Optional[str] = None) -> str:
-    """Strip whitespace and a leading copy of the prompt (some models return it with the answer)."""
+def strip_prompt(text: str, prompt: Optional[str] = None) -> str:
+    """Normalise whitespace and drop a leading copy of the prompt (some models return it with the answer).
+
+    Not :func:`diffusion.data.sanitize.clean_caption`, which validates and decodes a stored caption.
+    """
     text = ' '.join(text.split())
     if prompt:
         p = ' '.join(prompt.split())
@@ -196,7 +185,7 @@ class Captioner:
     @torch.no_grad()
     def __call__(self, images: Sequence[Image.Image]) -> list[str]:
         """Caption a batch of PIL images (any size and mode); returns cleaned captions (maybe degenerate)."""
-        prepared = [center_crop_resize(im, self.size) for im in images]
+        prepared = [center_crop(im, self.size) for im in images]  # the dataset's own centre crop
         kw: dict[str, Any] = {'images': prepared, 'return_tensors': 'pt'}
         if self.prompt:
             kw['text'] = [self.prompt] * len(prepared)
@@ -210,7 +199,7 @@ class Captioner:
             if out.shape[1] >= n and torch.equal(out[:, :n], inputs['input_ids']):
                 out = out[:, n:]
         texts = self.processor.batch_decode(out, skip_special_tokens=True)
-        return [clean_caption(t, self.prompt) for t in texts]
+        return [strip_prompt(t, self.prompt) for t in texts]
 
     def _is_encoder_decoder(self) -> bool:
         cfg = self.model.config

@@ -42,11 +42,10 @@ def latent_column(resolution: int) -> str:
 def prepare_image(image: Image.Image | bytes, resolution: int) -> torch.Tensor:
     """An image (PIL or encoded bytes) -> (3, res, res) float32 in [-1, 1], as the dataset's centre crop does."""
     # The dataset's own transform, so the two paths cannot drift apart.
-    from diffusion.data.dataset import _resize_crop, _to_tensor
+    from diffusion.data.dataset import _to_tensor, center_crop
     if isinstance(image, (bytes, bytearray)):
         image = Image.open(io.BytesIO(image))
-    crop, _, _ = _resize_crop(image.convert('RGB'), (resolution, resolution), (0.5, 0.5))
-    return _to_tensor(crop, False)  # (3, res, res)
+    return _to_tensor(center_crop(image, resolution), False)  # (3, res, res)
 
 
 def _fp16(t: torch.Tensor) -> np.ndarray:

@@ -24,6 +24,7 @@ from typing import Any, Optional, Sequence
 import torch
 from PIL import Image
 
+from diffusion.data.dataset import center_crop
 from diffusion.evaluation.metrics import ImageMetrics, inception_path
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class EvalConfig:
     prompts: Optional[str] = None  # prompt file; default: the reference set's captions
     prompt_column: Optional[str] = None
     guidance_scales: list = field(default_factory=lambda: [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0])
+    # disentangled conditioning: also sweep a separate control guidance scale (grid with guidance_scales)
+    control_guidance_scales: Optional[list] = None
     num_inference_steps: int = 50
     sampler: str = 'ddim'
     seed: int = 0
@@ -68,14 +71,6 @@ class EvalConfig:
 # ---------------------------------------------------------------------------------------------
 # Image sets
 # ---------------------------------------------------------------------------------------------
-def _square(image: Image.Image, size: Optional[int]) -> Image.Image:
-    image = image.convert('RGB')
-    w, h = image.size
-    s = min(w, h)
-    image = image.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-    return image.resize((size, size), Image.BICUBIC) if size and size != s else image
-
-
 def _is_mds(path: Path, split: Optional[str]) -> bool:
     return (path / (split or '') / 'index.json').exists()
 
@@ -97,10 +92,10 @@ def load_reference(path: str | Path, split: Optional[str] = None, limit: Optiona
         ds = StreamingDataset(local=str(path), split=split, shuffle=False, batch_size=1)
         n = ds.num_samples if limit is None else min(limit, ds.num_samples)
         rows = [ds[i] for i in range(n)]
-        return [_square(r['image'], size) for r in rows], [r.get('caption') for r in rows]
+        return [center_crop(r['image'], size) for r in rows], [r.get('caption') for r in rows]
     if path.is_dir():
         images, prompts = load_folder(path, limit)
-        return [_square(im, size) for im in images], prompts
+        return [center_crop(im, size) for im in images], prompts
     raise FileNotFoundError(f'reference {path} is neither an MDS dataset (no {split or "."}/index.json) nor a folder')
 
 
@@ -136,16 +131,18 @@ def _generate_sweep(cfg: EvalConfig, prompts: Sequence[str]) -> tuple[dict[float
                              allow_unsafe=cfg.allow_unsafe_pickle, overrides=tuple(cfg.model_overrides))
     size = default_size(model)
     folders = {}
-    for g in cfg.guidance_scales:
-        folder = Path(cfg.out_dir) / 'generated' / f'g{float(g):g}'
+    controls = cfg.control_guidance_scales or [None]
+    for g, c in [(float(g), None if c is None else float(c)) for g in cfg.guidance_scales for c in controls]:
+        folder = Path(cfg.out_dir) / 'generated' / (f'g{g:g}' + ('' if c is None else f'_c{c:g}'))
         settings = {'checkpoint': info.checkpoint, 'weights': info.weights, 'prompts': cfg.prompts,
-                    'prompt_column': cfg.prompt_column, 'seed': cfg.seed, 'guidance_scale': float(g),
+                    'prompt_column': cfg.prompt_column, 'seed': cfg.seed, 'guidance_scale': g,
+                    'control_guidance_scale': c,
                     'guidance_rescale': 0.0, 'negative_prompt': None, 'num_inference_steps': cfg.num_inference_steps,
                     'sampler': cfg.sampler, 'height': cfg.height or size, 'width': cfg.width or size,
                     'reference': cfg.reference, 'reference_split': cfg.reference_split}
-        log.info('guidance %g: generating %d images into %s', g, len(prompts), folder)
+        log.info('guidance %g (control %s): generating %d images into %s', g, c, len(prompts), folder)
         generate_to_folder(model, prompts, folder, settings, cfg.batch_size)
-        folders[float(g)] = folder
+        folders[(g, c)] = folder
     return folders, info.as_dict(), cfg.height or size
 
 
@@ -163,7 +160,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     ref_images, captions = load_reference(cfg.reference, cfg.reference_split, cfg.num_images)
     if cfg.generated is not None:
-        folders, ckpt_info, gen_size = {None: Path(cfg.generated)}, None, None
+        folders, ckpt_info, gen_size = {(None, None): Path(cfg.generated)}, None, None
     else:
         if cfg.prompts is not None:
             from diffusion.evaluation.generate import read_prompts
@@ -178,12 +175,12 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     size = gen_size if cfg.match_resolution else None
     metrics = ImageMetrics(cfg.kid_subset_size, cfg.kid_subsets, cfg.clip_model, cfg.inception, batch_size=16,
                            seed=cfg.seed)
-    metrics.add_reference(_square(im, size) for im in ref_images)
+    metrics.add_reference(center_crop(im, size) for im in ref_images)
     rows = []
-    for g, folder in folders.items():
+    for (g, c), folder in folders.items():
         images, prompts_used = load_folder(folder)
         scores = metrics.score(images, prompts_used if all(prompts_used) else None)
-        rows.append({'guidance_scale': g, **scores, 'images': str(folder)})
+        rows.append({'guidance_scale': g, 'control_guidance_scale': c, **scores, 'images': str(folder)})
         log.info('guidance %s: FID %.2f, KID %.4f, CLIP %s', g, scores['fid'], scores['kid_mean'],
                  scores['clip_score'])
     results = {
@@ -247,6 +244,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f'{"guidance":>8} {"FID":>9} {"KID":>9} {"KID std":>8} {"CLIP":>7} {"n":>5}')
     for r in results['results']:
         g = '-' if r['guidance_scale'] is None else f'{r["guidance_scale"]:g}'
+        if r.get('control_guidance_scale') is not None:
+            g += f'/{r["control_guidance_scale"]:g}'
         clip = '-' if r['clip_score'] is None else f'{r["clip_score"]:.2f}'
         print(f'{g:>8} {r["fid"]:9.2f} {r["kid_mean"]:9.4f} {r["kid_std"]:8.4f} {clip:>7} {r["num_generated"]:5d}')
     if results['results'][0]['clip_score'] is None:
