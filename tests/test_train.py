@@ -104,12 +104,16 @@ def tiny_size(name: str) -> dict:
             model['text_encoder'] = {'name': 'tiny_clip', 'pair': True}
         backbone = model['backbone']
         backbone['attention'] = 'sdpa'
-        backbone['preset'] = {'sd2-base': 'mini-s', 'sdxl-base': 'mini-l'}.get(backbone.get('preset'),
-                                                                               backbone.get('preset'))
+        minis = {'sd2-base': 'mini-s', 'sdxl-base': 'mini-l', 'microdit-xl-2': 'microdit-mini',
+                 'microdit-tiny-2': 'microdit-mini'}
+        backbone['preset'] = minis.get(backbone.get('preset'), backbone.get('preset'))
     return raw
 
 
-YAMLS = sorted(p.name for p in (REPO / 'yamls').glob('*.yaml'))
+# Training recipes: yamls/*.yaml and one level of recipe folders (yamls/microdit/); generate/ and eval/ are not.
+YAMLS = sorted(str(p.relative_to(REPO / 'yamls')) for p in (REPO / 'yamls').glob('*.yaml')) + \
+    sorted(str(p.relative_to(REPO / 'yamls')) for p in (REPO / 'yamls').glob('*/*.yaml')
+           if p.parent.name not in ('generate', 'eval'))
 
 
 @pytest.mark.parametrize('name', YAMLS)

@@ -1,7 +1,7 @@
 """Mask-ratio schedule for masking backbones (MicroDiT's deferred masking), as a Composer algorithm.
 
 MicroDiT pretrains with 75 % of the patches masked and finetunes unmasked (Sehwag et al. 2025, Sec. 4); with this
-algorithm one run can do both: ``{'0ba': 0.75, '0.9dur': 0.0}`` masks 75 % for the first 90 % of training, then
+algorithm one run can do both: ``{'0dur': 0.75, '0.9dur': 0.0}`` masks 75 % for the first 90 % of training, then
 nothing.
 """
 from __future__ import annotations
@@ -60,7 +60,7 @@ class MaskSchedule(Algorithm):
     the first entry: the model's own ``mask_ratio``). Logs ``mask_ratio``.
 
     Args:
-        schedule: ``{time: ratio}``, e.g. ``{'0ba': 0.75, '0.9dur': 0.0}``.
+        schedule: ``{time: ratio}``, e.g. ``{'0dur': 0.75, '0.9dur': 0.0}``.
     """
 
     def __init__(self, schedule: Union[dict[str, float], list[Any]]) -> None:

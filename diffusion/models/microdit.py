@@ -450,7 +450,8 @@ def microdit_config(preset: str = 'microdit-mini', **overrides: Any) -> MicroDiT
 def build_microdit(preset: str = 'microdit-mini', cross_attention_dim: Optional[int] = None,
                    in_channels: Optional[int] = None, out_channels: Optional[int] = None,
                    sample_size: Optional[int] = None, pooled_text_dim: Optional[int] = None,
-                   device: Union[str, torch.device, None] = None, **overrides: Any) -> MicroDiT:
+                   attention: str = 'sdpa', device: Union[str, torch.device, None] = None,
+                   **overrides: Any) -> MicroDiT:
     """Build a MicroDiT from a named preset (``microdit-xl-2``, ``microdit-tiny-2``, ``microdit-mini``).
 
     Args:
@@ -461,10 +462,15 @@ def build_microdit(preset: str = 'microdit-mini', cross_attention_dim: Optional[
         out_channels: Must equal ``in_channels`` (MicroDiT predicts in latent space).
         sample_size: Latent side (``input_size``), sets the position-embedding buffer.
         pooled_text_dim: Ignored: MicroDiT pools its own text tokens (accepted so every text encoder fits).
+        attention: ``'sdpa'`` only: PyTorch's scaled-dot-product attention, which picks FlashAttention /
+            memory-efficient kernels on CUDA by itself.
         device: Device to create parameters on (``'meta'`` builds without memory).
         **overrides: :class:`MicroDiTConfig` fields (``mask_ratio``, ``pos_interp_scale``, ``moe_lr_scale``...).
     """
     del pooled_text_dim
+    if attention != 'sdpa':
+        raise ValueError(f"MicroDiT attention {attention!r}: only 'sdpa' (PyTorch scaled-dot-product attention, "
+                         "which uses FlashAttention / memory-efficient kernels on CUDA) is implemented")
     if out_channels is not None and in_channels is not None and out_channels != in_channels:
         raise ValueError(f'MicroDiT predicts in latent space: out_channels ({out_channels}) must equal '
                          f'in_channels ({in_channels})')
