@@ -8,7 +8,8 @@ Sources (fetched once into ``--cache-dir``, no root needed):
 
 Each image is sanitised, rendered (SVG) onto a white background, resized so its longer side is at most
 ``--size``, and kept only when its licence is in ``--license-set`` (ND licences never are). Writes
-``train/`` and ``eval/`` MDS splits, ``attribution.csv`` and ``report.json``. A killed run re-run
+``train/`` and ``eval/`` MDS splits (the shared columns plus ``category``: OpenMoji's ``group`` or Twemoji's
+``category``, empty for clip art), ``attribution.csv`` and ``report.json``. A killed run re-run
 with the same arguments continues where it stopped.
 
 Example:
@@ -32,6 +33,8 @@ from diffusion.data.writer import add_writer_args, make_sample, print_summary, r
 DEFAULT_SOURCES = {'commercial': ['openmoji', 'twemoji', 'openclipart'],
                    'noncommercial': ['openmoji', 'twemoji', 'openclipart'],
                    'all': ['openmoji', 'twemoji', 'openclipart', 'tuxpaint']}
+# Columns beyond the shared schema: the source's own category (OpenMoji `group`, Twemoji `category`).
+EXTRA_COLUMNS = {'category': 'str'}
 
 
 def _caption_and_meta(item: Item, data: bytes) -> tuple[str, str, str, str]:
@@ -69,10 +72,12 @@ def convert_item(item: Item, opts: dict[str, Any]) -> dict[str, Any]:
         caption = ''  # kept, flagged weak: the captioning step writes one
     clean = sanitize_image(data, svg=item.path.endswith('.svg'), min_size=opts['min_size'],
                            max_pixels=opts['max_pixels'], max_side=opts['size'])
-    return make_sample(clean, key=item.key, caption=caption, caption_source=caption_source,
-                       license_id=license_id, creator=creator, source=item.source,
-                       source_path=item.source_path, image_format=opts['image_format'],
-                       quality=opts['quality'])
+    sample = make_sample(clean, key=item.key, caption=caption, caption_source=caption_source,
+                         license_id=license_id, creator=creator, source=item.source,
+                         source_path=item.source_path, image_format=opts['image_format'],
+                         quality=opts['quality'])
+    sample['category'] = item.category  # emoji group/category ('' for clip art): the demo's probe label
+    return sample
 
 
 def list_items(args: argparse.Namespace) -> list[Item]:
@@ -106,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.WARNING)
     items = list_items(args)
     opts = {k: getattr(args, k) for k in ('license_set', 'min_size', 'max_pixels', 'size', 'image_format', 'quality')}
-    with writer_from_args(args) as writer:
+    with writer_from_args(args, extra_columns=EXTRA_COLUMNS) as writer:
         run_conversion(functools.partial(convert_item, opts=opts), items, writer, key=lambda i: i.key,
                        source=lambda i: i.source, workers=args.workers, desc='commoncatalog-mini')
     report = writer.summary()

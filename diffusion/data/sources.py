@@ -36,6 +36,8 @@ class Item:
     license: str = ''
     creator: str = ''
     source_path: str = ''
+    category: str = ''  # the source's own grouping (OpenMoji `group`, Twemoji `category`); '' when it has none
+    category: str = ''  # the source's own grouping (OpenMoji `group`, Twemoji `category`); '' when it has none
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +98,8 @@ def openmoji_items(root: Path) -> list[Item]:
         author = entry.get('openmoji_author') or entry.get('author') or 'OpenMoji contributors'
         items.append(Item(key=f'openmoji/{entry["hexcode"]}', source='openmoji', path=str(root / rel),
                           caption=entry.get('annotation', ''), caption_source='annotation',
-                          license='CC-BY-SA-4.0', creator=f'{author} (OpenMoji)', source_path=rel))
+                          license='CC-BY-SA-4.0', creator=f'{author} (OpenMoji)', source_path=rel,
+                          category=entry.get('group', '')))
     return items
 
 
@@ -108,20 +111,21 @@ def twemoji_items(root: Path) -> list[Item]:
     """Twemoji (npm ``emoji-datasource-twitter``): 64 px PNGs, Unicode name as caption, CC-BY 4.0."""
     items = []
 
-    def add(entry: dict, name: str) -> None:
+    def add(entry: dict, name: str, category: str) -> None:
         if not entry.get('has_img_twitter', True):
             return
         rel = f'img/twitter/64/{entry["image"]}'
         items.append(Item(key=f'twemoji/{entry["unified"]}', source='twemoji', path=str(root / rel),
                           caption=name, caption_source='name', license='CC-BY-4.0',
-                          creator='Twitter, Inc and other contributors (Twemoji)', source_path=rel))
+                          creator='Twitter, Inc and other contributors (Twemoji)', source_path=rel,
+                          category=category))
 
     for entry in json.loads((root / 'emoji.json').read_text(encoding='utf-8')):
         name = (entry.get('name') or entry.get('short_name') or '').lower()
-        add(entry, name)
+        add(entry, name, entry.get('category', ''))
         for tone, variation in sorted((entry.get('skin_variations') or {}).items()):
             tones = ', '.join(_TONES.get(t, t) for t in tone.split('-'))
-            add(variation, f'{name}: {tones}')
+            add(variation, f'{name}: {tones}', entry.get('category', ''))  # tones keep the base emoji's
     return items
 
 

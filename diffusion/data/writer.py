@@ -483,10 +483,15 @@ def add_writer_args(parser: Any) -> None:
 _RUN_ONLY = ('workers', 'overwrite', 'cache_dir', 'rank', 'merge')
 
 
-def writer_from_args(args: Any, rank: int | None = None) -> DatasetWriter:
-    """Build the :class:`DatasetWriter` for a converter's parsed arguments (``rank``: one of several ranks)."""
+def writer_from_args(args: Any, rank: int | None = None,
+                     extra_columns: dict[str, str] | None = None) -> DatasetWriter:
+    """Build the :class:`DatasetWriter` for a converter's parsed arguments (``rank``: one of several ranks).
+
+    ``extra_columns`` adds a converter's own columns (name -> MDS encoding) to :data:`DEFAULT_COLUMNS`.
+    """
     config = {k: v for k, v in sorted(vars(args).items()) if k not in _RUN_ONLY}
-    return DatasetWriter(args.out, columns_for(args.image_format), compression=args.compression,
+    columns = dict(columns_for(args.image_format), **(extra_columns or {}))
+    return DatasetWriter(args.out, columns, compression=args.compression,
                          size_limit=args.size_limit, commit_every=args.commit_every,
                          eval_fraction=args.eval_fraction, config=config, overwrite=args.overwrite, rank=rank)
 
