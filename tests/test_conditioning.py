@@ -7,12 +7,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from diffusion.config import load_config
 from diffusion.data.dataset import StreamingImageCaptionDataset, _resize_crop
-from diffusion.models.conditioning import (ControlEmbedding, adapt_position_entries, control_gate,
-                                           generation_controls, noisy_replicate_padding, resample_position_table)
+from diffusion.models.conditioning import (adapt_position_entries, control_gate, generation_controls,
+                                           noisy_replicate_padding, resample_position_table)
 from diffusion.models.latent_diffusion import build_latent_diffusion
 from diffusion.models.unet import build_unet
 from diffusion.samplers import compositional_guidance
@@ -189,7 +190,7 @@ def test_dataset_flags_control_dropout_independently(demo_photos):
         return [ds[i] for i in range(len(ds))]
     half, none = flags(0.5), flags(0.0)
     dropped = [bool(s['control_dropped']) for s in half]
-    assert any(dropped) and not all(dropped) and not any(bool(s['control_dropped']) for s in none)
+    assert any(dropped) and not all(dropped) and not any('control_dropped' in s for s in none)
     # Drawn last: the other random choices of each sample are the same with and without control dropout.
     assert all(torch.equal(a['crop_top_left'], b['crop_top_left']) and a['flip'] == b['flip']
                for a, b in zip(half, none))
@@ -246,13 +247,16 @@ def test_loading_a_lower_resolution_checkpoint_shifts_the_schedule(schedule, cap
 
 
 def test_transfer_through_a_trainer_checkpoint(demo_photos, tmp_path, repo):
+    base = OmegaConf.to_container(OmegaConf.load(repo / 'yamls/tiny-cpu.yaml'))
+    base['callbacks'] = {}  # no sample grids: this test is about the checkpoint hand-over
+
     def cfg(resolution, out, **extra):
         over = {'variables.data': str(demo_photos), 'variables.resolution': str(resolution),
                 'model.backbone.sample_size': str(resolution // 4), 'model.backbone.conditioning': 'disentangled',
                 'model.resolution': str(resolution), 'train_loader.control_dropout': '0.5',
-                'save_folder': str(out), 'max_duration': '2ba', 'eval_first': 'false', 'eval_interval': '2ba',
-                'save_interval': '2ba', 'callbacks': '{}', **extra}
-        return load_config(repo / 'yamls/tiny-cpu.yaml', [f'{k}={v}' for k, v in over.items()])
+                'save_folder': str(out), 'max_duration': '2ba', 'eval_first': 'false', 'eval_interval': '100ba',
+                'save_interval': '2ba', 'global_train_batch_size': '4', **extra}
+        return load_config(base=base, overrides=[f'{k}={v}' for k, v in over.items()])
 
     low = build_trainer(cfg(32, tmp_path / 'low'))
     low.fit()
@@ -263,3 +267,25 @@ def test_transfer_through_a_trainer_checkpoint(demo_photos, tmp_path, repo):
     assert model.resolution_record.tolist() == [32, 64] and model.noise_schedule.resolution_shift == 2.0
     high.fit()
     assert torch.isfinite(high.state.loss).all()
+
+
+def test_generation_cli_passes_control_guidance_and_metadata(disentangled, tmp_path):
+    from diffusion.evaluation.generate import generate_to_folder
+    settings = {'seed': 0, 'guidance_scale': 2.0, 'num_inference_steps': 2, 'sampler': 'ddim', 'height': 32,
+                'width': 32, 'guidance_rescale': 0.0, 'negative_prompt': None}
+    runs = {'plain': {}, 'control': {'control_guidance_scale': 3.0},
+            'meta': {'micro_conditioning': {'target_size': [64, 64], 'crop_top_left': [8, 8]}}}
+    images = {}
+    for name, extra in runs.items():
+        entries = generate_to_folder(disentangled, ['a cat'], tmp_path / name, {**settings, **extra}, progress=False)
+        assert entries[0]['control_guidance_scale'] == extra.get('control_guidance_scale')
+        images[name] = np.asarray(Image.open(tmp_path / name / entries[0]['file']), dtype=np.int16)
+    assert np.abs(images['control'] - images['plain']).max() > 0
+    assert np.abs(images['meta'] - images['plain']).max() > 0
+
+
+def test_unknown_conditioning_form_is_named():
+    with pytest.raises(ValueError, match="unknown UNet conditioning 'summed'"):
+        build_unet('mini-s', conditioning='summed')
+    with pytest.raises(ValueError, match='keep_pooled_text'):
+        build_unet('mini-s', conditioning='none', keep_pooled_text=True)

@@ -195,8 +195,8 @@ class StreamingImageCaptionDataset(StreamingDataset):
             out.update(self._latent_fields(row))
         else:
             out.update(self._pixel_fields(row, rng))
-        # Drawn last so the other choices of a sample do not depend on whether control dropout is used.
-        out['control_dropped'] = torch.tensor(bool(rng.random() < self.control_dropout))
+        if self.control_dropout > 0:  # drawn last: the sample's other random choices do not depend on it
+            out['control_dropped'] = torch.tensor(bool(rng.random() < self.control_dropout))
         return out
 
     def _caption(self, row: dict[str, Any], sample_id: int) -> str:

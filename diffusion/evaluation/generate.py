@@ -38,7 +38,11 @@ __all__ = ['GenerateConfig', 'read_prompts', 'generate_images', 'contact_sheet',
 PROMPT_COLUMNS = ('prompt', 'Prompt', 'caption', 'Caption', 'text', 'Text')
 # Settings that change the images: a resumed run must agree on all of them.
 _IMAGE_SETTINGS = ('checkpoint', 'weights', 'prompts', 'prompt_column', 'seed', 'guidance_scale', 'guidance_rescale',
-                   'negative_prompt', 'num_inference_steps', 'sampler', 'height', 'width')
+                   'negative_prompt', 'num_inference_steps', 'sampler', 'height', 'width', 'control_guidance_scale',
+                   'micro_conditioning')
+# Keyword arguments of LatentDiffusion.generate that come straight from the settings.
+_GENERATE_KEYS = ('guidance_scale', 'num_inference_steps', 'sampler', 'height', 'width', 'guidance_rescale',
+                  'negative_prompt', 'control_guidance_scale', 'micro_conditioning')
 
 
 @dataclass
@@ -56,6 +60,10 @@ class GenerateConfig:
     guidance_scale: float = 7.5
     guidance_rescale: float = 0.0
     negative_prompt: Optional[str] = None
+    # disentangled conditioning: a separate control guidance scale (three branches) and the control metadata to
+    # ask for (original_size, crop_top_left, target_size, flip); see README "Conditioning and resolution transfer"
+    control_guidance_scale: Optional[float] = None
+    micro_conditioning: Optional[dict] = None
     num_inference_steps: int = 50
     sampler: str = 'ddim'
     height: Optional[int] = None  # default: the UNet's sample size times the VAE factor
@@ -126,13 +134,15 @@ def default_size(model: Any) -> int:
 
 def generate_images(model: Any, prompts: Sequence[str], seeds: Sequence[int], *, guidance_scale: float,
                     num_inference_steps: int, sampler: str, height: int, width: int, guidance_rescale: float = 0.0,
-                    negative_prompt: Optional[str] = None) -> list[Image.Image]:
+                    negative_prompt: Optional[str] = None, control_guidance_scale: Optional[float] = None,
+                    micro_conditioning: Optional[dict] = None) -> list[Image.Image]:
     """One batch: prompts + per-image seeds -> PIL images (image ``i`` depends on ``seeds[i]`` only)."""
     negatives = [negative_prompt] * len(prompts) if negative_prompt is not None else None
     return model.generate(list(prompts), negative_prompts=negatives, height=height, width=width,
                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                           guidance_rescale=guidance_rescale, sampler=sampler, seed=[int(s) for s in seeds],
-                          output_type='pil')
+                          output_type='pil', control_guidance_scale=control_guidance_scale,
+                          micro_conditioning=micro_conditioning)
 
 
 def contact_sheet(paths: Sequence[Path], out: Path, max_images: int = 64, thumb: int = 128) -> Optional[Path]:
@@ -196,10 +206,9 @@ def generate_to_folder(model: Any, prompts: Sequence[str], out_dir: str | Path, 
     todo = [i for i in range(len(prompts)) if i not in done]
     if done:
         log.info('%s: %d of %d images already done, resuming', out, len(done), len(prompts))
-    gen_kw = {k: settings[k] for k in ('guidance_scale', 'num_inference_steps', 'sampler', 'height', 'width',
-                                       'guidance_rescale', 'negative_prompt')}
-    record = {k: settings.get(k) for k in ('guidance_scale', 'num_inference_steps', 'sampler', 'height', 'width',
-                                           'checkpoint', 'weights')}
+    gen_kw = {k: settings[k] for k in _GENERATE_KEYS if k in settings}
+    record = {k: settings.get(k) for k in ('guidance_scale', 'control_guidance_scale', 'num_inference_steps',
+                                           'sampler', 'height', 'width', 'checkpoint', 'weights')}
     with manifest.open('a', encoding='utf-8') as fh, tqdm(total=len(todo), desc='generating',
                                                            disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):

@@ -122,7 +122,10 @@ class LatentDiffusion(ComposerModel):
     def _adapt_resolution(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         """Load hook: adapt to a checkpoint recorded at another resolution (schedule shift, position tables)."""
         key = prefix + 'resolution_record'
-        if key not in state_dict:
+        if key not in state_dict:  # an older checkpoint: nothing to compare (set base_resolution to shift)
+            state_dict[key] = self.resolution_record.clone()
+            log.info('resolution transfer: the checkpoint records no resolution; the model keeps %s',
+                     self.resolution_record.tolist())
             return
         ckpt_base, ckpt_res = (int(v) for v in state_dict[key].tolist())
         base = self._base_resolution_arg or ckpt_base
