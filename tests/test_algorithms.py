@@ -1,0 +1,131 @@
+"""Speed-up algorithms through real short ``Trainer.fit`` runs of the tiny config (channels-last, low-precision norms,
+activation checkpointing, gradient accumulation, ``torch.compile`` of the backbone), the one-line-per-speed-up
+report, and the FSDP wrapping / activation-checkpointing policy, checked on CPU without running FSDP."""
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from composer.core import Callback
+
+from diffusion.config import load_config
+from diffusion.train import build_trainer
+from test_train import tiny_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class _CountForwards(Callback):
+    def __init__(self):
+        self.per_batch = []
+
+    def batch_start(self, state, logger):
+        self.per_batch.append(0)
+
+    def after_forward(self, state, logger):
+        self.per_batch[-1] += 1
+
+
+def _fit(demo_photos, out, *extra, batches=2):
+    over = tiny_overrides(demo_photos, out, max_duration=f'{batches}ba', eval_interval='100ba') + [
+        'save_folder=null', 'callbacks.sample_images.num_inference_steps=1',
+        'callbacks.sample_images.prompts=[a cat]', *extra]
+    trainer = build_trainer(load_config(REPO / 'yamls/tiny-cpu.yaml', over))
+    counter = _CountForwards()
+    trainer.state.callbacks.append(counter)
+    trainer.fit()
+    trainer.close()
+    return trainer, counter
+
+
+def test_speedups_through_a_fit(demo_photos, tmp_path, caplog):
+    from composer.algorithms.low_precision_groupnorm.low_precision_groupnorm import LPGroupNorm
+    from composer.utils import NoEffectWarning
+    caplog.set_level(logging.INFO, logger='diffusion')
+    with pytest.warns(NoEffectWarning):  # composer's low-precision norms: nothing to do in fp32 on a CPU
+        trainer, counter = _fit(
+            demo_photos, tmp_path, 'algorithms.channels_last={}', 'algorithms.low_precision_groupnorm={}',
+            'algorithms.low_precision_layernorm={}', 'algorithms.activation_checkpointing={}',
+            'device_train_microbatch_size=4')
+    assert int(trainer.state.timestamp.batch) == 2 and torch.isfinite(trainer.state.loss).all()
+    assert counter.per_batch == [2, 2]  # global batch 8 in microbatches of 4: gradient accumulation
+    backbone = trainer.state.model.backbone
+    assert backbone.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not any(isinstance(m, LPGroupNorm) for m in backbone.modules())
+    policy = [m for m in backbone.modules() if backbone.activation_checkpointing_fn(m)]
+    checkpointed = [m for m in backbone.modules() if getattr(m, '_checkpointed_forward', False)]
+    assert policy and checkpointed == policy
+    report = '\n'.join(r.getMessage() for r in caplog.records if r.getMessage().startswith('speed-up'))
+    assert 'low_precision_groupnorm: no effect here' in report
+    assert 'low_precision_layernorm: no effect here' in report
+    assert 'channels_last: acts' in report
+    assert 'gradient accumulation: acts, 2 microbatches of 4' in report
+    assert 'attention: sdpa: acts' in report
+    assert any('activation_checkpointing: acts' in r.getMessage() for r in caplog.records)
+
+
+def test_compile_backbone_through_a_fit(demo_photos, tmp_path):
+    # The `eager` backend runs TorchDynamo's graph capture without code generation: fast enough for a test.
+    trainer, _ = _fit(demo_photos, tmp_path, 'algorithms.compile_backbone.backend=eager', batches=1)
+    backbone = trainer.state.model.backbone
+    assert backbone._compiled_call_impl is not None  # nn.Module.compile, in place
+    assert torch.isfinite(trainer.state.loss).all()
+    assert not any('_orig_mod' in k for k in trainer.state.model.state_dict())  # checkpoint keys unchanged
+
+
+def test_activation_checkpointing_keeps_gradients():
+    from diffusion.algorithms.activation_checkpointing import apply_activation_checkpointing
+    from diffusion.models.unet import build_unet
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.backbone = build_unet('mini-s', sample_size=8, block_out_channels=(32, 32, 32, 32))
+
+    x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 5, 384)
+
+    def grads(model):
+        model.zero_grad()
+        model.backbone(x, t, text_hidden=text).square().mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain, checkpointed = Holder(), Holder()
+    assert apply_activation_checkpointing(checkpointed) > 0
+    for a, b in zip(grads(plain), grads(checkpointed)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _fsdp_plan(model):
+    """What composer's FSDP (``prepare_fsdp_module``) would do: per child of the ComposerModel, skip it when
+    ``_fsdp_wrap`` is False (it stays whole, replicated) or wrap it with the child's ``fsdp_wrap_fn`` units."""
+    from torchmetrics import Metric
+    plan = {}
+    for name, child in model.named_children():
+        if isinstance(child, Metric):
+            continue
+        if hasattr(child, '_fsdp_wrap') and not child._fsdp_wrap:
+            plan[name] = 'replicated'
+            continue
+        fn = getattr(child, 'fsdp_wrap_fn', None)
+        plan[name] = [m for m in child.modules() if fn is not None and fn(m)]
+    return plan
+
+
+@pytest.mark.parametrize('yaml', ['tiny-cpu.yaml', 'microdit/mini-cpu.yaml'])
+def test_fsdp_wraps_only_the_trainable_backbone(yaml):
+    from diffusion import registry
+    cfg = load_config(REPO / 'yamls' / yaml, ['variables.data=/nonexistent'])
+    model = registry.build(registry.models, cfg.model, 'model')
+    plan = _fsdp_plan(model)
+    assert plan['text_encoder'] == 'replicated' and plan['autoencoder'] == 'replicated'
+    units = plan['backbone']
+    assert len(units) >= 4 and set(plan) == {'backbone', 'text_encoder', 'autoencoder'}
+    # Frozen parameters live only in the replicated parts; every trainable one is in the sharded backbone.
+    for name, p in model.named_parameters():
+        assert p.requires_grad == name.startswith('backbone.'), name
+    # Each FSDP unit is a block of the backbone and holds trainable parameters only.
+    assert all(p.requires_grad for unit in units for p in unit.parameters())
+    # Activation checkpointing targets are backbone blocks too (composer applies the policy under FSDP).
+    targets = [m for m in model.backbone.modules() if model.backbone.activation_checkpointing_fn(m)]
+    assert targets and all(any(t is u or t in set(u.modules()) for u in units) for t in targets)
