@@ -5,8 +5,9 @@
    the same files without writing a dataset.
 2. Dataloader (samples/s): the ``image_caption`` loader (random crop, flip, batch 16) with 0 and 2
    workers versus a plain loop that decodes the same stored JPEGs, crops and builds tensors.
-The tiny model's step rate to compare the loader with is taken from ../shared/RESOURCES.md (an 18M
-UNet on CPU: ~15 img/s, measured there, not here) unless ``--step-rate`` is given.
+The tiny model's step rate to compare the loader with defaults to 15 img/s (an 18M-parameter diffusers UNet,
+batch 16, fp32, on a 2-core CPU; a figure given, not measured in this run): measure yours with
+``bench/step.py`` and pass it as ``--step-rate``.
 
 Usage: python bench/data.py [--per-source 40] [--repeats 3] [--cache-dir data/cache]
 """
@@ -140,7 +141,7 @@ def main() -> None:
             (f'dataloader samples/s @{args.resolution}px, 2 workers', med['load2'], med['base_load'])]
     for name, value, baseline in rows:
         print(f'{name:<44}{value:>10.1f}{baseline:>10.1f}{value / baseline:>8.2f}')
-    print(f'dataloader (2 workers) / tiny model step rate ({args.step_rate} img/s, RESOURCES.md): '
+    print(f'dataloader (2 workers) / tiny model step rate ({args.step_rate} img/s, --step-rate): '
           f'{med["load2"] / args.step_rate:.1f}x')
     print(json.dumps({'images': n, 'convert_1w_imgs_per_s': round(med['conv1'], 1),
                       'convert_2w_imgs_per_s': round(med['conv2'], 1),

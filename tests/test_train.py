@@ -81,8 +81,10 @@ def test_weights_only_load_into_fresh_model(first_run, demo_photos, tmp_path):
     weights = state['state']['model']
     cfg = load_config(REPO / 'yamls/tiny-cpu.yaml', tiny_overrides(demo_photos, tmp_path))
     fresh = build_components(cfg, 2)['model']
-    missing, unexpected = fresh.load_state_dict(weights, strict=True), None
-    assert not missing.missing_keys and not missing.unexpected_keys and unexpected is None
+    result = fresh.load_state_dict(weights, strict=True)  # strict: a key mismatch raises
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    key = next(k for k in weights if k.startswith('backbone.'))
+    torch.testing.assert_close(fresh.state_dict()[key], weights[key], rtol=0, atol=0)  # the weights arrived
 
 
 def tiny_size(name: str) -> dict:
