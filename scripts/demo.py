@@ -1,19 +1,22 @@
-"""`make demo`: the whole CommonCanvas pipeline, small, on real openly licensed data, on a CPU.
+"""`make demo`: the whole CommonCanvas pipeline, small, on real openly licensed data, on a CPU, with a report.
 
-Steps (each is one of the repository's own commands, run as a user would; a finished step is skipped when the
-demo is run again, `--force` redoes everything):
+Stages (each is one of the repository's own commands, run as a user would; a stage whose output is complete
+is skipped when the demo runs again, `--force` redoes everything):
 
-1. catalog     convert/commoncatalog_mini.py    CC images from OpenMoji, Twemoji, OpenClipart -> MDS + attribution
-2. captions    convert/caption.py               needs a captioner checkpoint (BLIP-2); none installs offline, so
-                                                 this step says so and is skipped unless --captioner is given
-3. autoencoder run.py yamls/autoencoder-mini.yaml our own small VAE, exported in diffusers format
-4. latents     convert/precompute_latents.py    VAE latents + MiniLM text states, stored once
-5. diffusion   run.py yamls/mini-s-catalog.yaml  mini CommonCanvas-S UNet trained on the precomputed latents
-6. generate    run_generate.py                  PNGs, manifest, contact sheet
-7. evaluate    run_eval.py                      FID / KID against the held-out split, over guidance scales
-8. export      convert/export_diffusers.py      a diffusers StableDiffusionPipeline folder
+ 1. catalog      convert/commoncatalog_mini.py   all of Twemoji (3.7k CC-BY emoji, 64 px) -> MDS + attribution,
+                                                  with each emoji's category; 15 % held out
+ 2. captions     convert/caption.py              needs a captioner checkpoint (none installs offline): skipped
+                                                  unless --captioner is given; the catalog's own names are captions
+ 3. autoencoder  run.py yamls/autoencoder-mini.yaml  the project's own small VAE (64 px -> 16x16x4)
+ 4. latents      convert/precompute_latents.py   VAE latents + MiniLM text states, stored once
+ 5. unet         run.py yamls/demo/unet.yaml      mini CommonCanvas-S UNet on the latents, every checkpoint kept
+ 6. microdit     run.py yamls/demo/microdit.yaml  mini MicroDiT on the same latents
+ 7. eval-<model> python -m diffusion.evaluation.demo_eval   FID/KID on the held-out images at the first and last
+                                                  checkpoint, the category probe, a guidance sweep
+ 8. export       convert/export_diffusers.py     a diffusers pipeline folder + model card (licences, attribution)
+ 9. report       diffusion/evaluation/report.py  outputs/demo/report.md + report.html + metrics.json
 
-Everything lands in `outputs/demo-*/` and `data/`; the end prints a summary with the numbers and the files to open.
+`--quick` runs the same stages with fewer steps into outputs/demo-quick/ (and data/demo/latents-quick).
 """
 from __future__ import annotations
 
@@ -26,11 +29,21 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 PY = sys.executable
+
+# What each variant spends its budget on (steps are batches of 16 images).
+PROFILES = {
+    'full': {'autoencoder_steps': 400, 'diffusion_steps': 900, 'save_every': 300, 'eval_images': 0,
+             'probe_train': 1600, 'sweep_images': 128, 'sample_steps': 20},
+    'quick': {'autoencoder_steps': 150, 'diffusion_steps': 300, 'save_every': 100, 'eval_images': 256,
+              'probe_train': 800, 'sweep_images': 64, 'sample_steps': 15},
+}
+MODELS = {'unet': ('yamls/demo/unet.yaml', 'ddim'), 'microdit': ('yamls/demo/microdit.yaml', 'euler')}
 
 
 def step(name: str, cmd: list[str], done: Path, force: bool, log_dir: Path) -> float:
-    """Run one step unless its output exists; its output goes to the console and to a log file."""
+    """Run one stage unless its output exists; its output goes to the console and to a log file."""
     if done.exists() and not force:
         print(f'== {name}: already done ({done.relative_to(REPO)}), skipped', flush=True)
         return 0.0
@@ -45,7 +58,7 @@ def step(name: str, cmd: list[str], done: Path, force: bool, log_dir: Path) -> f
             if not line.startswith(('  warnings.warn', '  import pkg_resources')) and 'Warning' not in line:
                 sys.stdout.write(line)
         if proc.wait() != 0:
-            raise SystemExit(f'demo step {name!r} failed (exit {proc.returncode}); see {log_dir / (name + ".log")}')
+            raise SystemExit(f'demo stage {name!r} failed (exit {proc.returncode}); see {log_dir / (name + ".log")}')
     seconds = time.time() - start
     print(f'== {name}: done in {seconds:.0f} s', flush=True)
     return seconds
@@ -55,31 +68,32 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--per-source', type=int, default=200, help='images per source in the mini catalog')
-    parser.add_argument('--autoencoder-steps', type=int, default=300)
-    parser.add_argument('--diffusion-steps', type=int, default=300)
+    parser.add_argument('--quick', action='store_true', help='fewer steps and images (under 10 min on 2 idle cores)')
+    parser.add_argument('--models', nargs='+', choices=sorted(MODELS), default=sorted(MODELS, reverse=True))
     parser.add_argument('--captioner', default=None, help='an image-to-text model folder to telephone captions')
-    parser.add_argument('--force', action='store_true', help='redo every step')
-    args = parser.parse_args()
+    parser.add_argument('--force', action='store_true', help='redo every stage')
+    for key, value in PROFILES['full'].items():
+        parser.add_argument(f'--{key.replace("_", "-")}', type=int, default=None,
+                            help=f'override the profile (full: {value}, quick: {PROFILES["quick"][key]})')
+    args = parser.parse_args(argv)
+    for key, value in PROFILES['quick' if args.quick else 'full'].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
-    data, out = REPO / 'data', REPO / 'outputs'
-    catalog, captioned, latents = data / 'commoncatalog_mini', data / 'commoncatalog_mini_captioned', \
-        data / 'commoncatalog_mini_latents'
-    vae = out / 'demo-autoencoder' / 'autoencoder'
-    run = out / 'demo-mini-s'
-    logs = out / 'demo-logs'
-    times = {}
-    start = time.time()
 
+def train_stages(args: argparse.Namespace, paths: dict[str, Path], times: dict[str, float]) -> Path:
+    """catalog -> (captions) -> autoencoder -> latents; returns the dataset the models train on."""
+    catalog, root, logs = paths['catalog'], paths['root'], paths['logs']
     times['catalog'] = step('catalog', [
-        PY, 'convert/commoncatalog_mini.py', '--out', str(catalog), '--license-set', 'commercial',
-        '--max-per-source', str(args.per_source), '--size', '128', '--workers', '2'], catalog / 'report.json',
+        PY, 'convert/commoncatalog_mini.py', '--out', str(catalog), '--sources', 'twemoji', '--license-set',
+        'commercial', '--size', '64', '--eval-fraction', '0.15', '--workers', '2'], catalog / 'report.json',
         args.force, logs)
-
     source = catalog
     if args.captioner:
+        captioned = catalog.with_name('catalog-captioned')
         times['captions'] = step('captions', [
             PY, 'convert/caption.py', '--src', str(catalog), '--out', str(captioned), '--model', args.captioner,
             '--only-weak'], captioned / 'eval' / 'index.json', args.force, logs)
@@ -87,58 +101,80 @@ def main() -> None:
     else:
         print('== captions: skipped. Telephoning needs a pretrained captioner (CommonCanvas used '
               'Salesforce/blip2-opt-2.7b); none installs offline here. With one on disk: make demo '
-              'DEMO_ARGS="--captioner /path/to/blip2". The catalog keeps its own titles/annotations as captions.')
-
+              'DEMO_ARGS="--captioner /path/to/blip2". The catalog keeps its own emoji names as captions.')
+    ae = root / 'autoencoder'
     times['autoencoder'] = step('autoencoder', [
-        PY, 'run.py', 'yamls/autoencoder-mini.yaml', f'variables.data={source}',
-        'variables.run_name=demo-autoencoder', f'max_duration={args.autoencoder_steps}ba'],
-        vae / 'config.json', args.force, logs)
-
+        PY, 'run.py', 'yamls/autoencoder-mini.yaml', f'variables.data={source}', 'variables.run_name=demo-autoencoder',
+        f'max_duration={args.autoencoder_steps}ba', f'eval_interval={args.autoencoder_steps // 2}ba',
+        f'save_folder={ae}/checkpoints', f'callbacks.reconstructions.folder={ae}/reconstructions',
+        f'callbacks.export_autoencoder.folder={ae}/vae',
+        # a short run gains more from reconstruction steps than from the adversarial term: it stays off
+        f'model.disc_start={args.autoencoder_steps + 1}'],
+        ae / 'vae' / 'config.json', args.force, logs)
     times['latents'] = step('latents', [
-        PY, 'convert/precompute_latents.py', '--src', str(source), '--out', str(latents), '--vae', str(vae),
-        '--text-encoder', 'minilm', '--resolutions', '64'], latents / 'empty_caption.safetensors', args.force, logs)
+        PY, 'convert/precompute_latents.py', '--src', str(source), '--out', str(paths['latents']), '--vae',
+        str(ae / 'vae'), '--text-encoder', 'minilm', '--resolutions', '64'],
+        paths['latents'] / 'empty_caption.safetensors', args.force, logs)
+    for name in args.models:
+        yaml = MODELS[name][0]
+        times[name] = step(name, [
+            PY, 'run.py', yaml, f'variables.data={paths["latents"]}', f'variables.out={root / name}',
+            f'variables.autoencoder={ae / "vae"}', f'max_duration={args.diffusion_steps}ba',
+            f'save_interval={args.save_every}ba', f'eval_interval={args.save_every}ba'],
+            root / name / 'checkpoints' / 'summary.json', args.force, logs)
+    return source
 
-    times['diffusion'] = step('diffusion', [
-        PY, 'run.py', 'yamls/mini-s-catalog.yaml', f'variables.data={latents}', 'variables.run_name=demo-mini-s',
-        f'variables.autoencoder={vae}', f'max_duration={args.diffusion_steps}ba'],
-        run / 'checkpoints' / 'summary.json', args.force, logs)
 
-    times['generate'] = step('generate', [
-        PY, 'run_generate.py', 'yamls/generate/tiny-cpu.yaml', f'checkpoint={run}/checkpoints',
-        f'out_dir={run}/generate'], run / 'generate' / 'contact_sheet.png', args.force, logs)
+def eval_stages(args: argparse.Namespace, paths: dict[str, Path], times: dict[str, float]) -> None:
+    """Per model: FID/KID first vs last checkpoint, probe, sweep; then the UNet's diffusers export."""
+    root, logs = paths['root'], paths['logs']
+    for name in args.models:
+        cmd = [PY, '-m', 'diffusion.evaluation.demo_eval', '--data', str(paths['catalog']), '--run', str(root / name),
+               '--features', str(root / 'features'), '--sampler', MODELS[name][1], '--steps', str(args.sample_steps),
+               '--probe-train', str(args.probe_train), '--sweep-images', str(args.sweep_images)]
+        if args.eval_images:
+            cmd += ['--num-reference', str(args.eval_images)]
+        times[f'eval-{name}'] = step(f'eval-{name}', cmd, root / name / 'eval' / 'metrics.json', args.force, logs)
+    if 'unet' in args.models:  # the diffusers StableDiffusionPipeline takes a UNet backbone
+        pipeline = root / 'unet' / 'pipeline'
+        times['export'] = step('export', [
+            PY, 'convert/export_diffusers.py', '--checkpoint', f'{root}/unet/checkpoints', '--out', str(pipeline)],
+            pipeline / 'model_index.json', args.force, logs)
+        from diffusion.evaluation.report import licence_counts, write_model_card
+        attribution = paths['catalog'] / 'attribution.csv'
+        write_model_card(pipeline, attribution, licence_counts(attribution),
+                         'A mini CommonCanvas-S (SD2-layout UNet, 9.4M parameters) trained from scratch on a CPU by '
+                         '`make demo` on 64 px Twemoji, with the project\'s own small autoencoder and the '
+                         'all-MiniLM-L6-v2 text encoder.')
 
-    times['evaluate'] = step('evaluate', [
-        PY, 'run_eval.py', 'yamls/eval/tiny-cpu.yaml', f'checkpoint={run}/checkpoints', f'reference={source}',
-        f'out_dir={run}/eval'], run / 'eval' / 'results.json', args.force, logs)
 
-    times['export'] = step('export', [
-        PY, 'convert/export_diffusers.py', '--checkpoint', f'{run}/checkpoints', '--out', f'{run}/pipeline'],
-        run / 'pipeline' / 'model_index.json', args.force, logs)
-
-    report = _read_json(catalog / 'report.json')
-    scaling = _read_json(vae / 'scaling.json')
-    summary = _read_json(run / 'checkpoints' / 'summary.json')
-    evaluation = _read_json(run / 'eval' / 'results.json')
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    variant = 'demo-quick' if args.quick else 'demo'
+    root = REPO / 'outputs' / variant
+    paths = {'root': root, 'logs': root / 'logs', 'catalog': REPO / 'data' / 'demo' / 'catalog',
+             'latents': REPO / 'data' / 'demo' / ('latents-quick' if args.quick else 'latents')}
+    times: dict[str, float] = {}
+    start = time.time()
+    train_stages(args, paths, times)
+    eval_stages(args, paths, times)
+    # Timings of earlier runs are kept for the stages this run skipped.
+    earlier = _read_json(root / 'timings.json')
+    merged = {k: (v if v > 0 or k not in earlier else earlier[k]) for k, v in times.items()}
+    (root / 'timings.json').write_text(json.dumps(merged, indent=1))
+    from diffusion.evaluation.report import build_report
+    report = build_report(root, paths['catalog'], args.models, merged, variant)
+    total = time.time() - start
     print('\n================ demo summary ================')
     skipped = [k for k, v in times.items() if v == 0.0]
-    print(f'total time: {time.time() - start:.0f} s  (per step, s: {json.dumps({k: round(v) for k, v in times.items()})})'
-          + (f'; done earlier, skipped: {skipped} (--force redoes them)' if skipped else ''))
-    if report:
-        print(f'catalog: kept {report.get("kept")} images {report.get("splits")}, skipped '
-              f'{report.get("skipped_by_reason")} -> {catalog} (licences and creators: attribution.csv)')
-    if scaling:
-        print(f'autoencoder: latent scaling factor {scaling.get("scaling_factor", 0):.4f} -> {vae}')
-    for key in ('metrics/eval/ValidationLoss',):
-        first, last = (summary.get('first') or {}).get(key), (summary.get('last') or {}).get(key)
-        if first and last:
-            print(f'diffusion: validation loss {first[1]:.4f} (batch {first[0]}) -> {last[1]:.4f} (batch {last[0]})')
-    for row in evaluation.get('results', []):
-        clip = row.get('clip_score')
-        print(f"eval: guidance {row.get('guidance_scale')}: FID {row.get('fid', float('nan')):.1f}, "
-              f"KID {row.get('kid_mean', float('nan')):.4f}, CLIP score "
-              f"{'unavailable (no CLIP checkpoint)' if clip is None else f'{clip:.2f}'}")
-    print(f'open: {run}/samples/ (grids during training), {run}/generate/contact_sheet.png, '
-          f'{run}/eval/ (JSON + curve), {out}/demo-autoencoder/reconstructions/, {run}/pipeline/ (diffusers)')
+    print(f'total time: {total:.0f} s (per stage, s: {json.dumps({k: round(v) for k, v in merged.items()})})'
+          + (f'; done earlier, skipped now: {skipped} (--force redoes them)' if skipped else ''))
+    for name, m in _read_json(root / 'metrics.json').items():
+        print(f'{name}: FID {m["fid_first"]:.1f} -> {m["fid_last"]:.1f}, KID {m["kid_first"]:.4f} -> '
+              f'{m["kid_last"]:.4f} ({m["n_reference"]} held-out images); probe balanced accuracy on generated '
+              f'{m["probe_accuracy_generated"]:.3f} = {m["probe_accuracy_generated"] / m["chance"]:.1f}x chance '
+              f'{m["chance"]:.3f} (real held-out: {m["probe_accuracy_real"]:.3f})')
+    print(f'open: {report} (or report.html beside it); model: {root}/unet/pipeline (README.md: licences)')
 
 
 if __name__ == '__main__':

@@ -99,3 +99,53 @@ def test_catalog_stores_each_emoji_category(tmp_path):
     # the first OpenMoji (key order) are smileys (group smileys-emotion); the first Twemoji are symbols
     assert {c for k, c in rows.items() if k.startswith('openmoji/')} == {'smileys-emotion'}
     assert {c for k, c in rows.items() if k.startswith('twemoji/')} == {'symbols'}
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo's evaluation and report pieces
+# ---------------------------------------------------------------------------------------------
+def test_fid_kid_from_features_orders_near_and_far_sets():
+    from diffusion.evaluation.demo_eval import fid_kid
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(300, 16)).astype(np.float32)
+    near = rng.normal(size=(300, 16)).astype(np.float32)
+    far = (rng.normal(size=(300, 16)) + 1.5).astype(np.float32)
+    a, b = fid_kid(real, near, subsets=10, subset_size=100), fid_kid(real, far, subsets=10, subset_size=100)
+    assert a['fid'] < 1.0 < 16 * 1.5 ** 2 * 0.8 < b['fid']  # FID of a mean shift is ~|shift|^2
+    assert abs(a['kid_mean']) < 0.05 < b['kid_mean'] and b['kid_subset_size'] == 100
+
+
+def test_checkpoints_of_orders_by_batch(tmp_path):
+    from diffusion.evaluation.demo_eval import checkpoints_of
+    for name in ('ep1-ba1000-rank0.pt', 'ep0-ba200-rank0.pt', 'latest-rank0.pt', 'ep0-ba600-rank0.pt'):
+        (tmp_path / name).write_bytes(b'')
+    assert [b for b, _ in checkpoints_of(tmp_path)] == [200, 600, 1000]
+
+
+def test_report_files_and_model_card(tmp_path):
+    import json
+
+    from diffusion.evaluation.report import (METRIC_KEYS, labelled_grid, licence_counts, metrics_section,
+                                             model_metrics, write_model_card, write_report)
+    evaluation = {'chance': 0.1, 'probe_classes': list('abcdefghij'), 'probe_accuracy_real': 0.7, 'n_reference': 500,
+                  'checkpoints': {'first': {'batch': 100, 'fid': 300.0, 'kid_mean': 0.3, 'probe_accuracy': 0.12},
+                                  'last': {'batch': 900, 'fid': 90.0, 'kid_mean': 0.05, 'probe_accuracy': 0.4}}}
+    metrics = {'unet': model_metrics(evaluation)}
+    assert set(METRIC_KEYS) <= set(metrics['unet'])
+    assert (metrics['unet']['fid_first'], metrics['unet']['fid_last']) == (300.0, 90.0)
+    grid = labelled_grid(['grinning face', 'flag: japan'], [('real', [Image.new('RGB', (64, 64), 'red')] * 2),
+                                                            ('model', [Image.new('RGB', (64, 64), 'blue')] * 2)],
+                         tmp_path / 'grid.png', cell=64)
+    assert Image.open(grid).size == (110 + 2 * 68, 2 * 68 + 40)
+    report = write_report(tmp_path, [('Metrics', metrics_section(metrics)), ('Samples', [('image', 'grid.png', 'g')])],
+                          metrics)
+    text = report.read_text()
+    assert '4.0x chance' in text and '300.0 (ba 100) -> 90.0 (ba 900)' in text and '![g](grid.png)' in text
+    assert '<img src="grid.png"' in (tmp_path / 'report.html').read_text()
+    assert json.loads((tmp_path / 'metrics.json').read_text())['unet']['n_reference'] == 500
+    attribution = tmp_path / 'attribution.csv'
+    attribution.write_text('key,license\na,CC-BY-4.0\nb,CC-BY-4.0\nc,CC0-1.0\n')
+    assert licence_counts(attribution) == {'CC-BY-4.0': 2, 'CC0-1.0': 1}
+    card = write_model_card(tmp_path / 'pipeline', attribution, licence_counts(attribution)).read_text()
+    assert '- CC-BY-4.0: 2' in card and 'attribution.csv' in card
+    assert (tmp_path / 'pipeline' / 'attribution.csv').read_text() == attribution.read_text()

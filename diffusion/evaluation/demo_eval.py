@@ -1,0 +1,198 @@
+"""The demo's evaluation of one trained model: FID/KID at its first and last checkpoint, the category probe, a sweep.
+
+``python -m diffusion.evaluation.demo_eval --data DATA --run outputs/demo/unet --features outputs/demo/features``
+
+Prompts are the captions of the held-out (``eval``) split of the catalog, one image each, so FID/KID compare
+the model's images for those captions with the real images that carry them (>= 500 in the demo). Every
+image goes through the TF-FID Inception once; its pool features serve FID, KID and the linear category probe
+(:mod:`diffusion.evaluation.probe`) alike, and the real images' features are cached (``--features``) for
+every model of the demo. Generation is resumable (:func:`diffusion.evaluation.generate.generate_to_folder`).
+
+Writes ``<run>/eval/metrics.json``: per checkpoint (first, last) FID, KID, probe balanced accuracy; the probe's
+balanced accuracy on real held-out images and chance; the guidance sweep (FID/KID per guidance scale, last
+checkpoint) and its plot ``<run>/eval/guidance.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from diffusion.evaluation.probe import CategoryProbe, cached_features, inception_features, load_labeled
+
+log = logging.getLogger(__name__)
+
+__all__ = ['fid_kid', 'checkpoints_of', 'main']
+
+
+def fid_kid(real: np.ndarray, fake: np.ndarray, subsets: int = 100, subset_size: int = 1000,
+            seed: int = 0) -> dict[str, float]:
+    """FID and KID of two feature sets, with torchmetrics' own formulas (as :class:`ImageMetrics` computes them)."""
+    from torchmetrics.image.fid import _compute_fid
+    from torchmetrics.image.kid import poly_mmd
+    r, f = torch.from_numpy(real).double(), torch.from_numpy(fake).double()
+    fid = float(_compute_fid(f.mean(0), torch.cov(f.T), r.mean(0), torch.cov(r.T)))
+    size = min(subset_size, len(r), len(f))
+    gen = torch.Generator().manual_seed(seed)
+    kids = torch.stack([poly_mmd(r[torch.randperm(len(r), generator=gen)[:size]],
+                                 f[torch.randperm(len(f), generator=gen)[:size]]) for _ in range(subsets)])
+    return {'fid': fid, 'kid_mean': float(kids.mean()), 'kid_std': float(kids.std()), 'kid_subset_size': size}
+
+
+def checkpoints_of(folder: str | Path) -> list[tuple[int, Path]]:
+    """``(batch, path)`` of a run's composer checkpoints (``ep*-ba<N>-rank0.pt``), oldest first."""
+    found = []
+    for path in Path(folder).glob('ep*-ba*-rank0.pt'):
+        match = re.search(r'-ba(\d+)-', path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def _generate(ckpt: Path, prompts: Sequence[str], out: Path, args: argparse.Namespace,
+              guidance: float) -> list[Any]:
+    """Images for ``prompts`` from one checkpoint (resumable folder ``out``), as PIL images in prompt order."""
+    from PIL import Image
+
+    from diffusion.evaluation.generate import default_size, generate_to_folder
+    from diffusion.export.checkpoint import load_model
+    model, info = load_model(ckpt, weights='auto')
+    size = default_size(model)
+    settings = {'checkpoint': info.checkpoint, 'weights': info.weights, 'seed': args.seed,
+                'guidance_scale': float(guidance), 'guidance_rescale': 0.0, 'negative_prompt': None,
+                'num_inference_steps': args.steps, 'sampler': args.sampler, 'height': size, 'width': size}
+    with torch.inference_mode():
+        entries = generate_to_folder(model, prompts, out, settings, args.batch_size)
+    images = []
+    for e in entries:
+        with Image.open(out / e['file']) as im:
+            images.append(im.convert('RGB'))
+    return images
+
+
+def _score(name: str, images: list[Any], real: np.ndarray, labels: Sequence[str], probe: CategoryProbe,
+           extractor: Any, args: argparse.Namespace) -> dict[str, Any]:
+    feats = inception_features(images, extractor=extractor)
+    row = {**fid_kid(real, feats, args.kid_subsets, seed=args.seed), 'num_generated': len(images)}
+    if labels:
+        score = probe.score(feats, labels)
+        row['probe_accuracy'] = score.balanced_accuracy
+    log.info('%s: %s', name, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+    return row
+
+
+def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything ``metrics.json`` holds for one run (see the module docstring)."""
+    from diffusion.evaluation.metrics import InceptionFeatures
+    run, out = Path(args.run), Path(args.run) / 'eval'
+    ckpts = checkpoints_of(run / 'checkpoints')
+    if len(ckpts) < 2:
+        raise FileNotFoundError(f'{run}/checkpoints holds {len(ckpts)} checkpoint(s); the demo compares the first '
+                                'and the last (set save_interval below max_duration, keep all checkpoints)')
+    extractor = InceptionFeatures()
+    held = load_labeled(args.data, 'eval', limit=args.num_reference, size=args.size)
+    train = load_labeled(args.data, 'train', limit=args.probe_train,
+                         stride=max(1, _num_samples(args.data, 'train') // args.probe_train), size=args.size)
+    real = cached_features(Path(args.features) / 'eval.npz', held['keys'], lambda: held['images'], extractor)
+    train_feats = cached_features(Path(args.features) / 'train.npz', train['keys'], lambda: train['images'],
+                                  extractor)
+    probe = CategoryProbe().fit(train_feats, train['categories'])
+    real_score = probe.score(real, held['categories'])
+    result: dict[str, Any] = {
+        'chance': probe.chance, 'probe_classes': probe.classes, 'probe_accuracy_real': real_score.balanced_accuracy,
+        'probe_train_images': len(train['keys']), 'probe_scored_images': real_score.num_scored,
+        'n_reference': len(held['keys']), 'prompts': 'captions of the held-out split',
+        'settings': {'sampler': args.sampler, 'steps': args.steps, 'guidance_scale': args.guidance,
+                     'seed': args.seed, 'size': args.size}, 'checkpoints': {}}
+    prompts = held['captions']
+    for tag, (batch, path) in (('first', ckpts[0]), ('last', ckpts[-1])):
+        images = _generate(path, prompts, out / f'ba{batch}', args, args.guidance)
+        result['checkpoints'][tag] = {'batch': batch, 'images': str(out / f'ba{batch}'),
+                                      **_score(f'batch {batch}', images, real, held['categories'], probe,
+                                               extractor, args)}
+    sweep = []
+    n = min(args.sweep_images, len(prompts))
+    for g in args.sweep:
+        images = _generate(ckpts[-1][1], prompts[:n], out / f'sweep-g{g:g}', args, g)
+        sweep.append({'guidance_scale': g, **_score(f'guidance {g:g}', images, real, held['categories'][:n],
+                                                    probe, extractor, args)})
+    result['sweep'] = sweep
+    result['sweep_plot'] = str(_plot_sweep(sweep, out / 'guidance.png'))
+    return result
+
+
+def _num_samples(data: str, split: str) -> int:
+    return int(sum(s['samples'] for s in json.loads((Path(data) / split / 'index.json').read_text())['shards']))
+
+
+def _plot_sweep(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """FID and probe accuracy against guidance scale (two axes), as PNG."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    g = [r['guidance_scale'] for r in rows]
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
+    ax.plot(g, [r['fid'] for r in rows], 'o-', color='tab:blue')
+    ax.set_xlabel('guidance scale')
+    ax.set_ylabel('FID (lower is better)', color='tab:blue')
+    if all('probe_accuracy' in r for r in rows):
+        ax2 = ax.twinx()
+        ax2.plot(g, [r['probe_accuracy'] for r in rows], 's--', color='tab:orange')
+        ax2.set_ylabel('probe balanced accuracy', color='tab:orange')
+    ax.set_title(f'guidance sweep, last checkpoint (n={rows[0]["num_generated"]})')
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--data', required=True, help='the catalog (MDS with train/eval splits and a category column)')
+    p.add_argument('--run', required=True, help='a training run folder holding checkpoints/ (all kept)')
+    p.add_argument('--features', required=True, help='cache folder of real images\' Inception features')
+    p.add_argument('--num-reference', type=int, default=None, help='held-out images/prompts (default: all)')
+    p.add_argument('--probe-train', type=int, default=1600, help='real training images the probe is fitted on')
+    p.add_argument('--size', type=int, default=64, help='side of real images (match the generated ones)')
+    p.add_argument('--sampler', default='ddim')
+    p.add_argument('--steps', type=int, default=20)
+    p.add_argument('--guidance', type=float, default=3.0)
+    p.add_argument('--sweep', type=float, nargs='*', default=[1.0, 3.0, 6.0])
+    p.add_argument('--sweep-images', type=int, default=128)
+    p.add_argument('--batch-size', type=int, default=32)
+    p.add_argument('--kid-subsets', type=int, default=50)
+    p.add_argument('--seed', type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+    args = parse_args(argv)
+    try:
+        result = evaluate_run(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
+    path = Path(args.run) / 'eval' / 'metrics.json'
+    tmp = path.with_name(f'.metrics.json.tmp{os.getpid()}')
+    tmp.write_text(json.dumps(result, indent=1) + '\n', encoding='utf-8')
+    os.replace(tmp, path)
+    first, last = result['checkpoints']['first'], result['checkpoints']['last']
+    print(f'{args.run}: FID {first["fid"]:.1f} (batch {first["batch"]}) -> {last["fid"]:.1f} (batch {last["batch"]}), '
+          f'KID {first["kid_mean"]:.4f} -> {last["kid_mean"]:.4f} on {result["n_reference"]} held-out images; '
+          f'probe balanced accuracy generated {first["probe_accuracy"]:.3f} -> {last["probe_accuracy"]:.3f}, '
+          f'real {result["probe_accuracy_real"]:.3f}, chance {result["chance"]:.3f} -> {path}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
