@@ -172,7 +172,11 @@ def convert_item(item: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
         raise SkipSample(f'img2dataset_{item["_failed"]}', item['detail'])
     if item.get('_bad_json'):
         raise SkipSample('bad_sidecar_json')
-    license_id = normalize_license(str(item.get('license_url') or item.get('license') or opts['license']))
+    license_id = 'unknown'  # the first of: the stated licence, its URL, --license
+    for text in (item.get('license'), item.get('license_url'), opts['license']):
+        license_id = normalize_license(str(text or ''))
+        if license_id != 'unknown':
+            break
     if opts['license_set'] and not in_license_set(license_id, opts['license_set']):
         raise SkipSample(f'license_excluded_{license_family(license_id)}', license_id)
     try:
