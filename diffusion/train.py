@@ -142,6 +142,19 @@ def build_components(cfg: TrainConfig, device_batch_size: int = 1) -> dict[str, 
     }
 
 
+def _kill_safe(cfg: TrainConfig, parts: dict[str, Any], rank: int) -> None:
+    """Atomic checkpoint files, a checked ``latest`` before autoresume, per-batch seeds (diffusion/checkpointing.py)."""
+    from diffusion.checkpointing import (AdoptEarlierCheckpoints, PerBatchSeed, install_atomic_checkpoint_writes,
+                                         repair_latest_checkpoint)
+    install_atomic_checkpoint_writes()
+    parts['callbacks'] = parts['callbacks'] + [PerBatchSeed()]
+    if cfg.autoresume and cfg.save_folder and '://' not in cfg.save_folder:
+        folder = cfg.save_folder.format(run_name=cfg.run_name)
+        if rank == 0:
+            repair_latest_checkpoint(folder)
+        parts['callbacks'].append(AdoptEarlierCheckpoints(folder))
+
+
 def build_trainer(cfg: TrainConfig) -> Any:
     """Build the ``composer.Trainer`` a config describes (initialising torch.distributed when launched)."""
     from composer import Trainer
@@ -159,6 +172,7 @@ def build_trainer(cfg: TrainConfig) -> Any:
     # Composer's in-memory logger keeps the metric history that train() writes to summary.json.
     from composer.loggers import InMemoryLogger
     parts['loggers'] = parts['loggers'] + [InMemoryLogger()]
+    _kill_safe(cfg, parts, dist.get_global_rank())
     trainer = Trainer(
         **parts,
         run_name=cfg.run_name,
@@ -180,6 +194,7 @@ def build_trainer(cfg: TrainConfig) -> Any:
         load_weights_only=cfg.load_weights_only,
         load_strict_model_weights=cfg.load_strict_model_weights,
         autoresume=cfg.autoresume,
+        deterministic_mode=cfg.deterministic_mode,
         console_log_interval=cfg.console_log_interval,
         log_to_console=cfg.log_to_console,
         progress_bar=cfg.progress_bar,
@@ -278,7 +293,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     from diffusion.registry import UnknownComponentError
     try:
-        train(cfg)
+        if cfg.dry_run:  # build on the meta device, print parameters, FLOPs and cost; no data, no weights
+            from diffusion.dry_run import run_dry
+            run_dry(cfg)
+        else:
+            train(cfg)
     except (ConfigError, UnknownComponentError) as err:
         print(f'config error: {err}', file=sys.stderr)
         return 2
