@@ -289,3 +289,40 @@ def test_unknown_conditioning_form_is_named():
         build_unet('mini-s', conditioning='summed')
     with pytest.raises(ValueError, match='keep_pooled_text'):
         build_unet('mini-s', conditioning='none', keep_pooled_text=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The transformer: control in the adaLN input, sin-cos table rebuilt on transfer
+# ---------------------------------------------------------------------------------------------------------------
+def tiny_dit(conditioning='disentangled', sample_size=8, **kwargs):
+    torch.manual_seed(0)
+    model = tiny_model(backbone={'name': 'microdit', 'preset': 'microdit-mini', 'sample_size': sample_size,
+                                 'dim': 64, 'depth': 2, 'patch_mixer_depth': 1, 'patch_mixer_dim': 64,
+                                 'conditioning': conditioning}, schedule='edm', **kwargs)
+    with torch.no_grad():  # the public init zeroes adaLN outputs (identity blocks, zero output): randomise them
+        for name, p in model.backbone.named_parameters():
+            if 'adaLN' in name or 'final_linear' in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+@pytest.mark.parametrize('conditioning', ['disentangled', 'sdxl_summed'])
+def test_microdit_controls_enter_adaln_gated_only_when_disentangled(conditioning):
+    model = tiny_dit(conditioning)
+    a, b = _batch(crop=(0, 0), target=(32, 32)), _batch(crop=(10, 6), target=(64, 48))
+    same_at_pure_noise = torch.equal(_predict(model, 200.0, a), _predict(model, 200.0, b))
+    assert same_at_pure_noise == (conditioning == 'disentangled')
+    assert (_predict(model, 0.002, a) - _predict(model, 0.002, b)).abs().max() > 1e-5
+    assert (model.backbone.pooled_y_emb_process is None) == (conditioning == 'disentangled')
+
+
+def test_microdit_sincos_table_at_the_new_size_interpolates_the_old_grid(caplog):
+    low, high = tiny_dit(sample_size=8, resolution=32), tiny_dit(sample_size=16, resolution=64)
+    with caplog.at_level(logging.INFO, logger='diffusion.models.latent_diffusion'):
+        high.load_state_dict(low.state_dict())
+    assert 'position interpolation scale 2' in caplog.text
+    assert high.backbone.config.pos_interp_scale == 2.0 and high.noise_schedule.resolution_shift == 2.0
+    old = low.backbone.pos_embed.reshape(4, 4, -1)  # grid 4 (8 latents, patch 2): positions 0, 1, 2, 3
+    new = high.backbone.pos_embed.reshape(8, 8, -1)  # grid 8 at scale 2: positions 0, 0.5, ..., 3.5
+    assert torch.equal(new[::2, ::2], old)  # the old grid's positions, exactly
+    assert not torch.equal(new[1::2, 1::2], old)  # and the half positions between them

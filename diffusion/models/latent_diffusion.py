@@ -113,11 +113,16 @@ class LatentDiffusion(ComposerModel):
 
     # ------------------------------------------------------------------ resolution transfer
     def _shift_schedule(self, base: int) -> str:
-        """Shift the noise schedule by ``resolution / base`` (DDPM: SNR / s^2; EDM: P_mean + ln s)."""
+        """Shift the noise schedule by ``resolution / base`` (DDPM: SNR / s^2; EDM: P_mean + ln s) and let the
+        backbone adapt (e.g. MicroDiT rebuilds its sin-cos table with interpolation scale ``resolution / base``)."""
         shift = self.resolution / base
+        adapt = getattr(self.backbone, 'adapt_resolution', None)
         if shift != 1.0:
             self.noise_schedule.set_resolution_shift(shift)
-        return f'noise schedule shift {self.noise_schedule.resolution_shift:g} ({type(self.noise_schedule).__name__})'
+            if adapt is not None:
+                adapt(shift)
+        return f'noise schedule shift {self.noise_schedule.resolution_shift:g} ({type(self.noise_schedule).__name__})' \
+            + (f', position interpolation scale {shift:g}' if adapt is not None else '')
 
     def _adapt_resolution(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         """Load hook: adapt to a checkpoint recorded at another resolution (schedule shift, position tables)."""
@@ -132,11 +137,8 @@ class LatentDiffusion(ComposerModel):
         if (base, self.resolution) == tuple(int(v) for v in self.resolution_record.tolist()) \
                 and ckpt_res == self.resolution:
             return
-        adapt = getattr(self.backbone, 'adapt_resolution', None)  # e.g. rebuild a sin-cos table, scale res/base
-        if adapt is not None:
-            adapt(self.resolution / base)
+        shifted = self._shift_schedule(base)  # before matching tables: the backbone's own are rebuilt first
         changes = adapt_position_entries(self.backbone, state_dict, prefix + 'backbone.')
-        shifted = self._shift_schedule(base)
         state_dict[key] = torch.tensor([base, self.resolution])
         self.resolution_record.copy_(state_dict[key])
         log.info('resolution transfer: checkpoint trained at %d px (schedule base %d px), model at %d px: %s; %s',

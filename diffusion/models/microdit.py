@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffusion.models.conditioning import CONDITIONING_MODES, ControlEmbedding
 from diffusion.models.layers import (Attention, Mlp, SwiGLU, TimestepEmbedder, layer_norm, modulate, round_up,
                                      sincos_pos_embed_2d, swiglu_hidden)
 from diffusion.registry import backbones
@@ -73,6 +74,13 @@ class MicroDiTConfig:
     experts_every_n: int = 2
     mask_ratio: float = 0.0
     moe_lr_scale: float = 1.0
+    # Control metadata in the adaLN input (diffusion/models/conditioning.py; Berrada et al. 2024): 'none',
+    # 'sdxl_summed' (control embedding summed in at every noise level) or 'disentangled' (gated by the noise level,
+    # learned null control; the pooled text leaves adaLN unless keep_pooled_text).
+    conditioning: str = 'none'
+    keep_pooled_text: bool = False
+    control_feature_dim: int = 64
+    control_gate_end: Any = 1.0  # float, or {group: u_end} (groups: size, crop)
 
 
 def microdit_xl_2() -> MicroDiTConfig:
@@ -284,7 +292,12 @@ class MicroDiT(nn.Module):
         self.t_embedder = TimestepEmbedder(dim)
         self.y_embedder = Mlp(cfg.caption_channels, dim, eps)  # caption projection
         self.y_emb_preprocess = TextBlock(cfg)
-        self.pooled_y_emb_process = Mlp(dim, dim, eps)
+        if cfg.conditioning not in CONDITIONING_MODES:
+            raise ValueError(f'unknown MicroDiT conditioning {cfg.conditioning!r}; expected one of {CONDITIONING_MODES}')
+        uses_pooled = cfg.conditioning != 'disentangled' or cfg.keep_pooled_text
+        self.pooled_y_emb_process = Mlp(dim, dim, eps) if uses_pooled else None  # None: no unused DDP parameters
+        self.control_embedding = None if cfg.conditioning == 'none' else \
+            ControlEmbedding(dim, cfg.control_feature_dim, cfg.control_gate_end)
         if cfg.use_patch_mixer:
             mixer_std = 0.02 / (2 * cfg.depth)**0.5
             self.patch_mixer = nn.ModuleList(DiTBlock(cfg.patch_mixer_dim, w, cfg, mixer_std)
@@ -320,8 +333,9 @@ class MicroDiT(nn.Module):
                     nn.init.zeros_(m.bias)
         w = self.x_embedder.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a linear layer over flattened patches
-        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.pooled_y_emb_process.fc1,
-                    self.pooled_y_emb_process.fc2, self.y_embedder.fc1, self.y_embedder.fc2):
+        pooled = self.pooled_y_emb_process
+        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.y_embedder.fc1, self.y_embedder.fc2,
+                    *((pooled.fc1, pooled.fc2) if pooled is not None else ())):
             nn.init.normal_(lin.weight, std=0.02)
         for block in self.transformer_blocks():
             block.init_weights()
@@ -341,17 +355,44 @@ class MicroDiT(nn.Module):
         emb = sincos_pos_embed_2d(self.config.dim, grid_h, grid_w, base, self.config.pos_interp_scale)
         return emb[None].to(self.pos_embed.device, self.pos_embed.dtype)  # (1, T, D)
 
-    def adaln_input(self, t: Tensor, y: Tensor, text_mask: Optional[Tensor] = None) -> Tensor:
-        """adaLN conditioning ``c`` (N, D) = timestep embedding + MLP(mean of the processed text tokens).
+    @property
+    def uses_controls(self) -> bool:
+        """True when ``forward`` takes ``controls``, ``control_dropped`` and ``noise_level``."""
+        return self.control_embedding is not None
+
+    def adapt_resolution(self, scale: float) -> None:
+        """Resolution transfer: rebuild the sin-cos table with ``pos_interp_scale = scale`` (new / pre-training
+        resolution), so the new grid spans the positions the pre-trained model saw (PixArt-alpha, MicroDiT)."""
+        self.config = dataclasses.replace(self.config, pos_interp_scale=float(scale))
+        grid = self.config.input_size // self.config.patch_size
+        table = sincos_pos_embed_2d(self.config.dim, grid, grid, grid, self.config.pos_interp_scale)[None]
+        self.pos_embed = table.to(self.pos_embed.device, self.pos_embed.dtype)  # (1, T, D)
+
+    def adaln_input(self, t: Tensor, y: Tensor, text_mask: Optional[Tensor] = None, controls: Optional[Tensor] = None,
+                    control_dropped: Optional[Tensor] = None, noise_level: Optional[Tensor] = None) -> Tensor:
+        """adaLN conditioning ``c`` (N, D) = timestep embedding + MLP(mean of the processed text tokens)
+        [+ control embedding: gated by ``noise_level`` when disentangled, at full strength when summed].
 
         The one place the adaLN input is built, so further conditioning can be added here.
         """
-        if text_mask is None:
-            pooled = y.mean(dim=1)  # (N, D)
-        else:
-            m = text_mask.to(y.dtype).unsqueeze(-1)  # (N, L, 1)
-            pooled = (y * m).sum(1) / m.sum(1).clamp(min=1)
-        return self.t_embedder(t) + self.pooled_y_emb_process(pooled)
+        c = self.t_embedder(t)  # (N, D)
+        if self.pooled_y_emb_process is not None:
+            if text_mask is None:
+                pooled = y.mean(dim=1)  # (N, D)
+            else:
+                m = text_mask.to(y.dtype).unsqueeze(-1)  # (N, L, 1)
+                pooled = (y * m).sum(1) / m.sum(1).clamp(min=1)
+            c = c + self.pooled_y_emb_process(pooled)
+        if self.control_embedding is not None:
+            if controls is None or (noise_level is None and self.config.conditioning == 'disentangled'):
+                raise ValueError(f'MicroDiT with {self.config.conditioning} conditioning: pass controls (N, 8) '
+                                 'and noise_level (N,)')
+            n = c.shape[0]
+            # summed: noise level 0 opens every gate, so the controls act at every step (SDXL's form)
+            level = torch.zeros(n, device=c.device) if self.config.conditioning == 'sdxl_summed' \
+                else noise_level.to(c.device).reshape(-1).expand(n)
+            c = c + self.control_embedding(controls.to(c.device), level, control_dropped).to(c.dtype)
+        return c
 
     def unpatchify(self, x: Tensor, grid_h: int, grid_w: int) -> Tensor:
         """(N, T, p*p*C) -> (N, C, H, W)."""
@@ -361,7 +402,8 @@ class MicroDiT(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, *, text_hidden: Tensor, text_mask: Optional[Tensor] = None,
                 text_pooled: Optional[Tensor] = None, time_ids: Optional[Tensor] = None,
-                return_mask: bool = False) -> Union[Tensor, tuple[Tensor, Optional[Tensor]]]:
+                return_mask: bool = False, controls: Optional[Tensor] = None, control_dropped: Optional[Tensor] = None,
+                noise_level: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, Optional[Tensor]]]:
         """Predict the raw network output (EDM's F).
 
         Args:
@@ -375,6 +417,9 @@ class MicroDiT(nn.Module):
             return_mask: Return ``(out, mask)``; then, in training mode with ``self.mask_ratio > 0``, the
                 backbone runs on a random subset of tokens and ``mask`` (N, H, W) is 1 on latent pixels whose
                 patch was removed (their output is 0), else ``mask`` is None.
+            controls: ``(N, 8)`` control metadata (``conditioning`` other than ``none``).
+            control_dropped: ``(N,)`` bool: rows that get the learned null control.
+            noise_level: ``(N,)`` noise level in ``[0, 1]`` gating the controls (``disentangled``).
 
         Returns:
             The output (N, C, H, W), or ``(out, mask)`` with ``return_mask``.
@@ -385,7 +430,8 @@ class MicroDiT(nn.Module):
         x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.position_embedding(gh, gw)  # (N, T, D)
         y = self.y_embedder(text_hidden)  # (N, L, D)
         y = self.y_emb_preprocess(y, text_mask)  # (N, L, D)
-        c = self.adaln_input(t.expand(n) if t.dim() else t.reshape(1).expand(n), y, text_mask)  # (N, D)
+        c = self.adaln_input(t.expand(n) if t.dim() else t.reshape(1).expand(n), y, text_mask, controls,
+                             control_dropped, noise_level)  # (N, D)
         if self.config.use_patch_mixer:
             x = self.patch_mixer_map_xin(x)  # (N, T, D_mixer)
             y_mixer = self.patch_mixer_map_y(y)  # (N, L, D_mixer)
