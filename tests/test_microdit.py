@@ -91,16 +91,20 @@ def test_mask_then_restore_keeps_tokens_in_place():
     assert any(set(ids_keep[0].tolist()) != set(ids_keep[i].tolist()) for i in range(1, n))
 
 
+# The mini structure (mixer with MoE, layer-wise scaling, 8 experts) at an even smaller width, for speed.
+SMALL = dict(dim=64, head_dim=16, multiple_of=32, patch_mixer_dim=32, sample_size=8, cross_attention_dim=32)
+
+
 def _mini(**overrides):
     torch.manual_seed(0)
-    model = build_microdit('microdit-mini', sample_size=8, **overrides)
+    model = build_microdit('microdit-mini', **{**SMALL, **overrides})
     with torch.no_grad():  # the zero-initialised output layers would make every comparison trivial
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return model
 
 
-def _inputs(n=2, size=8, length=7, width=384):
+def _inputs(n=2, size=8, length=7, width=32):
     g = torch.Generator().manual_seed(1)
     return (torch.randn(n, 4, size, size, generator=g), torch.randn(n, generator=g),
             {'text_hidden': torch.randn(n, length, width, generator=g)})
@@ -188,7 +192,7 @@ def test_param_groups_hold_exactly_experts_and_routers_at_scaled_lr():
     expected = {id(m.w1) for m in model.modules() if isinstance(m, ExpertChoiceMoE)} | \
         {id(m.w2) for m in model.modules() if isinstance(m, ExpertChoiceMoE)} | \
         {id(m.gate.weight) for m in model.modules() if isinstance(m, ExpertChoiceMoE)}
-    assert {id(p) for p in groups[1]['params']} == expected and len(expected) == 3 * 3  # mini: 3 MoE layers
+    assert {id(p) for p in groups[1]['params']} == expected and len(expected) == 3 * 3  # 3 MoE layers
     assert {id(p) for p in groups[0]['params']} | expected == {id(p) for p in model.parameters()}
     opt = registry.build(registry.optimizers, {'name': 'decoupled_adamw', 'lr': 1e-3}, 'optimizer', params=groups)
     assert [g['lr'] for g in opt.param_groups] == [1e-3, 5e-4]
@@ -207,8 +211,9 @@ def test_mini_trains_with_mask_schedule_and_ema(demo_photos, tmp_path):
     from diffusion.train import build_trainer
     over = {'variables.data': str(demo_photos), 'save_folder': str(tmp_path / 'ckpt'),
             'callbacks.sample_images.folder': str(tmp_path / 'samples'),
-            'callbacks.sample_images.num_inference_steps': '2', 'max_duration': '5ba', 'eval_interval': '5ba',
-            'save_interval': '5ba', 'algorithms.ema.ema_start': '2ba', 'eval_first': 'false',
+            'callbacks.sample_images.num_inference_steps': '1', 'max_duration': '4ba', 'eval_interval': '4ba',
+            'save_interval': '4ba', 'algorithms.ema.ema_start': '2ba', 'eval_first': 'false',
+            'global_train_batch_size': '4', 'device_eval_batch_size': '4',
             'algorithms.mask_schedule.schedule': '[[0ba, 0.75], [3ba, 0.0]]'}
     cfg = load_config(REPO / 'yamls/microdit/mini-cpu.yaml', [f'{k}={v}' for k, v in over.items()])
     trainer = build_trainer(cfg)
@@ -216,7 +221,7 @@ def test_mini_trains_with_mask_schedule_and_ema(demo_photos, tmp_path):
     assert [g['initial_lr'] for g in trainer.state.optimizers[0].param_groups] == [1e-3, 5e-4]  # before warmup
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     trainer.fit()
-    assert int(trainer.state.timestamp.batch) == 5 and torch.isfinite(trainer.state.loss).all()
+    assert int(trainer.state.timestamp.batch) == 4 and torch.isfinite(trainer.state.loss).all()
     assert model.backbone.mask_ratio == 0.0  # the schedule switched masking off at batch 3
     after = model.backbone.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
@@ -224,3 +229,28 @@ def test_mini_trains_with_mask_schedule_and_ema(demo_photos, tmp_path):
     assert ema and ema[0].ema_started
     assert sorted((tmp_path / 'samples').glob('*.png'))
     assert np.isfinite(float(trainer.state.eval_metrics['eval']['ValidationLoss'].compute()))
+
+
+def test_native_export_round_trip_generates_the_same_images(tmp_path):
+    from diffusion import registry
+    from diffusion.export.native import export_native, load_native
+    block = {'name': 'latent_diffusion', 'autoencoder': {'name': 'autoencoder_kl', 'config': 'tiny'},
+             'text_encoder': {'name': 'tiny_clip'},
+             'backbone': {'name': 'microdit', 'preset': 'microdit-mini', **{k: v for k, v in SMALL.items()
+                                                                           if k != 'cross_attention_dim'}},
+             'noise_schedule': {'name': 'edm', 'sigma_data': 0.9, 'p_mean': -0.6, 'p_std': 1.2}}
+    torch.manual_seed(0)
+    model = registry.build(registry.models, block, 'model').eval()
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    export_native(model, block, tmp_path / 'export')
+    loaded = load_native(tmp_path / 'export')
+    assert type(loaded.backbone).__name__ == 'MicroDiT'
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+    kwargs = dict(prompts=['a red bicycle', 'a lighthouse'], num_inference_steps=2, sampler='heun',
+                  guidance_scale=5.0, seed=[1, 2], height=32, width=32)
+    images = model.generate(**kwargs)
+    assert images.shape == (2, 3, 32, 32) and images.std() > 0
+    torch.testing.assert_close(loaded.generate(**kwargs), images, rtol=0, atol=0)
