@@ -106,15 +106,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    items = list_items(args)
+def convert(args: argparse.Namespace, items: list[Item]) -> dict[str, Any]:
+    """Convert listed items into ``args.out`` (everything :func:`main` does after listing); return the summary."""
     opts = {k: getattr(args, k) for k in ('license_set', 'min_size', 'max_pixels', 'size', 'image_format', 'quality')}
     with writer_from_args(args, extra_columns=EXTRA_COLUMNS) as writer:
         run_conversion(functools.partial(convert_item, opts=opts), items, writer, key=lambda i: i.key,
                        source=lambda i: i.source, workers=args.workers, desc='commoncatalog-mini')
-    report = writer.summary()
+    return writer.summary()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    report = convert(args, list_items(args))
     print_summary(report, args.out)
     return report
 
