@@ -425,11 +425,14 @@ def run_conversion(fn: Callable[[Any], dict[str, Any]],
                    split: Callable[[Any], str | None] = lambda item: None,
                    workers: int = 1,
                    desc: str = 'convert',
-                   chunksize: int = 4) -> None:
+                   chunksize: int | None = None) -> None:
     """Convert ``items`` with ``fn`` over ``workers`` processes and write them in input order.
 
     ``fn(item)`` returns a sample dict or raises :class:`SkipSample`. Items whose key the writer
-    already holds are not re-processed. Output order does not depend on ``workers``.
+    already holds are not re-processed. Output order does not depend on ``workers``. ``chunksize`` (items
+    sent to a worker at once) defaults to about 1/32 of a worker's share, at most 16: per-item costs vary
+    a hundredfold between sources (a large SVG against a 64 px PNG), and big chunks leave one worker
+    finishing a chunk of slow items alone at the end, while sending an item costs well under a millisecond.
     """
     global _WORKER_FN
     pending = [item for item in items if not writer.done(key(item))]
@@ -442,7 +445,8 @@ def run_conversion(fn: Callable[[Any], dict[str, Any]],
             # fork, so ``fn`` need not be picklable. Call this from a process that has not yet run torch's thread
             # pools (the convert/ CLIs): forking after threads have started can deadlock the children.
             pool = multiprocessing.get_context('fork').Pool(workers)
-            results: Iterable[tuple[str, Any]] = pool.imap(_call_worker_fn, pending, chunksize=chunksize)
+            chunk = chunksize or max(1, min(16, len(pending) // (32 * workers)))
+            results: Iterable[tuple[str, Any]] = pool.imap(_call_worker_fn, pending, chunksize=chunk)
         else:
             results = map(_call_worker_fn, pending)
         for item, (status, value) in zip(pending, results):
