@@ -16,7 +16,8 @@ is skipped when the demo runs again, `--force` redoes everything):
  8. export       convert/export_diffusers.py     a diffusers pipeline folder + model card (licences, attribution)
  9. report       diffusion/evaluation/report.py  outputs/demo/report.md + report.html + metrics.json
 
-`--quick` runs the same stages with fewer steps into outputs/demo-quick/ (and data/demo/latents-quick).
+`--quick` runs the same stages for the UNet only, with fewer steps and 256 held-out images, into
+outputs/demo-quick/ (and data/demo/latents-quick).
 """
 from __future__ import annotations
 
@@ -34,10 +35,10 @@ PY = sys.executable
 
 # What each variant spends its budget on (steps are batches of 16 images).
 PROFILES = {
-    'full': {'autoencoder_steps': 400, 'diffusion_steps': 900, 'save_every': 300, 'eval_images': 0,
-             'probe_train': 1600, 'sweep_images': 128, 'sample_steps': 20},
-    'quick': {'autoencoder_steps': 150, 'diffusion_steps': 300, 'save_every': 100, 'eval_images': 256,
-              'probe_train': 800, 'sweep_images': 64, 'sample_steps': 15},
+    'full': {'autoencoder_steps': 250, 'diffusion_steps': 500, 'save_every': 125, 'eval_images': 0,
+             'probe_train': 1200, 'sweep_images': 64, 'sample_steps': 10},
+    'quick': {'autoencoder_steps': 150, 'diffusion_steps': 250, 'save_every': 50, 'eval_images': 256,
+              'probe_train': 600, 'sweep_images': 32, 'sample_steps': 10},
 }
 MODELS = {'unet': ('yamls/demo/unet.yaml', 'ddim'), 'microdit': ('yamls/demo/microdit.yaml', 'euler')}
 
@@ -71,7 +72,8 @@ def _read_json(path: Path) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--quick', action='store_true', help='fewer steps and images (under 10 min on 2 idle cores)')
-    parser.add_argument('--models', nargs='+', choices=sorted(MODELS), default=sorted(MODELS, reverse=True))
+    parser.add_argument('--models', nargs='+', choices=sorted(MODELS), default=None,
+                        help='default: unet and microdit; --quick: unet')
     parser.add_argument('--captioner', default=None, help='an image-to-text model folder to telephone captions')
     parser.add_argument('--force', action='store_true', help='redo every stage')
     for key, value in PROFILES['full'].items():
@@ -81,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in PROFILES['quick' if args.quick else 'full'].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.models is None:
+        args.models = ['unet'] if args.quick else ['unet', 'microdit']
     return args
 
 

@@ -98,7 +98,10 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
         raise FileNotFoundError(f'{run}/checkpoints holds {len(ckpts)} checkpoint(s); the demo compares the first '
                                 'and the last (set save_interval below max_duration, keep all checkpoints)')
     extractor = InceptionFeatures()
-    held = load_labeled(args.data, 'eval', limit=args.num_reference, size=args.size)
+    # Strided subsets: the splits are in key (code point) order, so the first N rows would be mostly one category.
+    n_eval = _num_samples(args.data, 'eval')
+    held = load_labeled(args.data, 'eval', limit=args.num_reference, size=args.size,
+                        stride=max(1, n_eval // (args.num_reference or n_eval)))
     train = load_labeled(args.data, 'train', limit=args.probe_train,
                          stride=max(1, _num_samples(args.data, 'train') // args.probe_train), size=args.size)
     real = cached_features(Path(args.features) / 'eval.npz', held['keys'], lambda: held['images'], extractor)
@@ -110,6 +113,7 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
         'chance': probe.chance, 'probe_classes': probe.classes, 'probe_accuracy_real': real_score.balanced_accuracy,
         'probe_train_images': len(train['keys']), 'probe_scored_images': real_score.num_scored,
         'n_reference': len(held['keys']), 'prompts': 'captions of the held-out split',
+        'reference_keys': held['keys'],
         'settings': {'sampler': args.sampler, 'steps': args.steps, 'guidance_scale': args.guidance,
                      'seed': args.seed, 'size': args.size}, 'checkpoints': {}}
     prompts = held['captions']
@@ -119,11 +123,11 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
                                       **_score(f'batch {batch}', images, real, held['categories'], probe,
                                                extractor, args)}
     sweep = []
-    n = min(args.sweep_images, len(prompts))
+    pick = list(range(0, len(prompts), max(1, len(prompts) // args.sweep_images)))[:args.sweep_images]
     for g in args.sweep:
-        images = _generate(ckpts[-1][1], prompts[:n], out / f'sweep-g{g:g}', args, g)
-        sweep.append({'guidance_scale': g, **_score(f'guidance {g:g}', images, real, held['categories'][:n],
-                                                    probe, extractor, args)})
+        images = _generate(ckpts[-1][1], [prompts[i] for i in pick], out / f'sweep-g{g:g}', args, g)
+        sweep.append({'guidance_scale': g, **_score(f'guidance {g:g}', images, real,
+                                                    [held['categories'][i] for i in pick], probe, extractor, args)})
     result['sweep'] = sweep
     result['sweep_plot'] = str(_plot_sweep(sweep, out / 'guidance.png'))
     return result

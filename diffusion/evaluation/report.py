@@ -216,9 +216,11 @@ def _rel(path: Path, root: Path) -> str:
     return os.path.relpath(path, root)
 
 
-def _model_section(name: str, root: Path, evaluation: dict[str, Any], real: Sequence[Image.Image]) -> list[Any]:
-    columns = list(range(0, min(len(real), 120), 10))[:12]  # an even spread over the held-out captions
-    grid = model_grid(name, evaluation, real, root / 'figures' / f'{name}-grid.png', columns)
+def _model_section(name: str, root: Path, evaluation: dict[str, Any], real: dict[str, Image.Image]) -> list[Any]:
+    n = len(evaluation['reference_keys'])
+    columns = sorted({round(i * (n - 1) / 11) for i in range(12)})  # an even spread over the held-out captions
+    by_key = [real[k] for k in evaluation['reference_keys']]
+    grid = model_grid(name, evaluation, by_key, root / 'figures' / f'{name}-grid.png', columns)
     first, last = evaluation['checkpoints']['first'], evaluation['checkpoints']['last']
     blocks: list[Any] = [
         ('image', _rel(grid, root), f'{name}: real held-out images (top) and the model\'s images for the same '
@@ -244,8 +246,8 @@ def build_report(root: Path, catalog: Path, models: Sequence[str], timings: dict
     evaluations = {m: json.loads((root / m / 'eval' / 'metrics.json').read_text()) for m in models}
     summaries = {m: json.loads((root / m / 'checkpoints' / 'summary.json').read_text()) for m in models}
     metrics = {m: model_metrics(e) for m, e in evaluations.items()}
-    n = max(e['n_reference'] for e in evaluations.values())
-    real = load_labeled(catalog, 'eval', limit=min(n, 120))['images']
+    held = load_labeled(catalog, 'eval')
+    real = dict(zip(held['keys'], held['images']))
     catalog_report = json.loads((catalog / 'report.json').read_text())
     attribution = catalog / 'attribution.csv'
     curves = loss_plot(summaries, root / 'figures' / 'loss.png')
