@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from diffusion.config import load_config
@@ -97,3 +98,32 @@ def test_run_eval_sweep(tmp_path_factory, demo_photos, tiny_clip_dir):
         assert len(list(Path(row['images']).glob('images/*.png'))) == 4
     with Image.open(results['plot']) as im:
         assert im.size[0] > 100
+
+
+class _GivenFeatures(torch.nn.Module):
+    """A torchmetrics feature extractor that hands back the features it is given."""
+    num_features = 16
+
+    def forward(self, x):
+        return x.double()
+
+
+def test_frechet_distance_matches_torchmetrics_public_fid():
+    """Our Frechet distance (no private torchmetrics helper) equals the public FrechetInceptionDistance, and
+    ImageMetrics reads KID's feature lists through the public ``metric_state`` (a rename fails here)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    from diffusion.evaluation.metrics import frechet_distance
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(200, 16, generator=g, dtype=torch.float64)
+    fake = 0.8 * torch.randn(150, 16, generator=g, dtype=torch.float64) + 0.3
+    fid = FrechetInceptionDistance(feature=_GivenFeatures())
+    fid.update(real, real=True)
+    fid.update(fake, real=False)
+    ours = frechet_distance(fake.mean(0), torch.cov(fake.T), real.mean(0), torch.cov(real.T))
+    assert ours == pytest.approx(float(fid.compute()), rel=1e-6)
+    assert ours > 1.0 and frechet_distance(real.mean(0), torch.cov(real.T), real.mean(0), torch.cov(real.T)) < 1e-6
+    kid = KernelInceptionDistance(feature=_GivenFeatures(), subset_size=10)
+    kid.update(real, real=True)
+    assert torch.equal(torch.cat(kid.metric_state['real_features']), real)

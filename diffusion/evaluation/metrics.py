@@ -28,7 +28,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 __all__ = ['inception_path', 'InceptionFeatures', 'clean_resize', 'images_to_tensor', 'ImageMetrics',
-           'load_clip_score']
+           'load_clip_score', 'frechet_distance']
 
 INCEPTION_SIZE = 299
 
@@ -76,6 +76,19 @@ class InceptionFeatures(nn.Module):
         if feats.ndim > 2:
             feats = feats.mean(dim=tuple(range(2, feats.ndim)))  # (B, 2048)
         return feats
+
+
+def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> float:
+    """Frechet distance of two Gaussians (Dowson & Landau 1982; FID: Heusel et al. 2017, eq. 6).
+
+    ``d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrt(S1 S2))``, where ``tr(sqrt(S1 S2))`` is the sum of the square
+    roots of the eigenvalues of ``S1 S2`` (real and non-negative for covariance matrices), in float64. Written
+    here, not taken from torchmetrics' private ``_compute_fid``; ``tests/test_eval.py`` checks it against
+    torchmetrics' public ``FrechetInceptionDistance`` on the same features.
+    """
+    mu1, mu2, sigma1, sigma2 = (x.double() for x in (mu1, mu2, sigma1, sigma2))
+    root_trace = torch.linalg.eigvals(sigma1 @ sigma2).sqrt().real.sum()
+    return float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * root_trace)
 
 
 def clean_resize(image: Image.Image, size: int = INCEPTION_SIZE) -> np.ndarray:
@@ -156,7 +169,7 @@ class ImageMetrics:
 
     @property
     def num_reference(self) -> int:
-        return int(sum(f.shape[0] for f in self.kid.real_features))
+        return int(sum(f.shape[0] for f in self.kid.metric_state['real_features']))
 
     def add_reference(self, images: Iterable[Image.Image]) -> None:
         """Add reference (real) images."""
@@ -164,10 +177,9 @@ class ImageMetrics:
             self.kid.update(x, real=True)
 
     def _fid(self) -> float:
-        from torchmetrics.image.fid import _compute_fid
-        real = torch.cat(self.kid.real_features).double()  # (N, 2048)
-        fake = torch.cat(self.kid.fake_features).double()  # (M, 2048)
-        return float(_compute_fid(fake.mean(0), torch.cov(fake.T), real.mean(0), torch.cov(real.T)))
+        real = torch.cat(self.kid.metric_state['real_features']).double()  # (N, 2048)
+        fake = torch.cat(self.kid.metric_state['fake_features']).double()  # (M, 2048)
+        return frechet_distance(fake.mean(0), torch.cov(fake.T), real.mean(0), torch.cov(real.T))
 
     def score(self, images: Sequence[Image.Image], prompts: Optional[Sequence[str]] = None) -> dict[str, Any]:
         """Metrics of ``images`` (and their ``prompts`` for CLIP score) against the reference set.
