@@ -53,7 +53,8 @@ def step(name: str, cmd: list[str], done: Path, force: bool, log_dir: Path) -> f
     start = time.time()
     with open(log_dir / f'{name}.log', 'w') as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=dict(os.environ, HF_HUB_OFFLINE='1', TOKENIZERS_PARALLELISM='false'))
+                                env=dict(os.environ, HF_HUB_OFFLINE='1', TOKENIZERS_PARALLELISM='false',
+                                         PYTHONUNBUFFERED='1'))  # progress shows as it happens
         for line in proc.stdout:  # type: ignore[union-attr]
             log.write(line)
             if not line.startswith(('  warnings.warn', '  import pkg_resources')) and 'Warning' not in line:

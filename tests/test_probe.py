@@ -149,3 +149,16 @@ def test_report_files_and_model_card(tmp_path):
     card = write_model_card(tmp_path / 'pipeline', attribution, licence_counts(attribution)).read_text()
     assert '- CC-BY-4.0: 2' in card and 'attribution.csv' in card
     assert (tmp_path / 'pipeline' / 'attribution.csv').read_text() == attribution.read_text()
+
+
+def test_demo_profiles_and_overrides():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('demo_script', REPO / 'scripts' / 'demo.py')
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    quick = demo.parse_args(['--quick'])
+    assert quick.models == ['unet'] and quick.eval_images == 256
+    full = demo.parse_args(['--diffusion-steps', '7'])
+    assert full.models == ['unet', 'microdit'] and full.diffusion_steps == 7 and full.eval_images == 0
+    for args in (quick, demo.parse_args([])):
+        assert args.save_every < args.diffusion_steps  # a first checkpoint before the last one

@@ -179,8 +179,8 @@ def metrics_section(metrics: dict[str, dict[str, Any]]) -> list[Any]:
             "emoji's category; balanced accuracy = mean per-class recall, chance = 1/K. 'generated' scores the "
             'images made from held-out captions (the category of the caption\'s image is the label); \'real\' '
             'scores the held-out images themselves (the ceiling). FID/KID: the same held-out images as '
-            'reference, one generated image per held-out caption; FID on ~500 images is biased upward, compare '
-            'first with last.']
+            'reference, one generated image per held-out caption; FID on a few hundred images is biased upward: '
+            'compare first with last.']
 
 
 def _write(path: Path, text: str) -> None:
