@@ -219,8 +219,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if (args.rank is None) != (args.world_size is None) and not args.merge:
         parser.error('--rank and --world-size go together')
     if args.rank is None:
-        rank, world = rank_from_env()
+        try:
+            rank, world = rank_from_env()
+        except ValueError as err:
+            parser.error(str(err))
         args.rank, args.world_size = rank, args.world_size or world
+    if not 0 <= args.rank < args.world_size:
+        parser.error(f'--rank {args.rank} is not in [0, --world-size {args.world_size})')
+    if args.overwrite and args.world_size > 1:
+        parser.error('--overwrite with several ranks would delete the other ranks\' parts: clear --out once first')
     return args
 
 
