@@ -14,7 +14,7 @@ Conversions run first (the worker pool forks; torch's thread pools must not have
 repeats (order rotated every repeat) so machine load hits all alike; medians are reported, both wall-clock and
 CPU time of this process and its children. Prints a table and, last, one JSON line.
 
-Usage: python bench/data.py [--per-source 40] [--repeats 3] [--cache-dir data/cache]
+Usage: python bench/data.py [--per-source 100] [--repeats 3] [--cache-dir data/cache]
 """
 from __future__ import annotations
 
@@ -166,7 +166,8 @@ def bench_loader(args: argparse.Namespace, out: Path) -> dict[str, list[tuple[fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--per-source', type=int, default=40)
+    parser.add_argument('--per-source', type=int, default=100,
+                        help='images per source (enough that fixed costs such as starting the pool do not dominate)')
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--size', type=int, default=256)
     parser.add_argument('--resolution', type=int, default=64)
