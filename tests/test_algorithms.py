@@ -40,7 +40,7 @@ def _fit(demo_photos, out, *extra, batches=2):
 
 def test_speedups_through_a_fit(demo_photos, tmp_path, caplog):
     from composer.algorithms.low_precision_groupnorm.low_precision_groupnorm import LPGroupNorm
-    from composer.utils import NoEffectWarning
+    from composer.algorithms.warnings import NoEffectWarning
     caplog.set_level(logging.INFO, logger='diffusion')
     with pytest.warns(NoEffectWarning):  # composer's low-precision norms: nothing to do in fp32 on a CPU
         trainer, counter = _fit(
@@ -129,3 +129,18 @@ def test_fsdp_wraps_only_the_trainable_backbone(yaml):
     # Activation checkpointing targets are backbone blocks too (composer applies the policy under FSDP).
     targets = [m for m in model.backbone.modules() if model.backbone.activation_checkpointing_fn(m)]
     assert targets and all(any(t is u or t in set(u.modules()) for u in units) for t in targets)
+
+
+def test_export_weights_before_a_delayed_ema_start_are_the_training_weights():
+    # Before `ema_start`, composer's EMA keeps a copy of the INITIAL weights (made at Event.INIT) in every
+    # checkpoint; generation and export must then use the training weights, not that copy.
+    from diffusion.export.checkpoint import model_weights
+    trained, initial = {'w': torch.ones(2)}, {'w': torch.zeros(2)}
+    ema = {'ema_model': {'named_parameters_dict': initial, 'named_buffers_dict': {}},
+           'ema_weights_active': False, 'ema_started': False}
+    state = {'state': {'model': trained, 'algorithms': [('EMA', ema)]}}
+    weights, chosen, has_ema = model_weights(state, 'auto')
+    assert chosen == 'training' and not has_ema and torch.equal(weights['w'], trained['w'])
+    ema['ema_started'] = True
+    weights, chosen, has_ema = model_weights(state, 'auto')
+    assert chosen == 'ema' and has_ema and torch.equal(weights['w'], initial['w'])

@@ -124,6 +124,8 @@ def model_weights(state: dict[str, Any], weights: str = 'auto') -> tuple[dict[st
         raise KeyError('not a composer checkpoint: no state.model entry')
     model_sd = _strip_module(dict(inner['model']))
     ema = next((sd for name, sd in inner.get('algorithms', []) if name == 'EMA'), None)
+    if ema is not None and not ema.get('ema_started', True):
+        ema = None  # delayed start not reached: composer's EMA copy still holds the initial weights
     if ema is None or not ema.get('ema_model'):
         if weights == 'ema':
             raise ValueError('weights=ema was asked for, but this checkpoint has no EMA weights (the `ema` '
