@@ -23,7 +23,8 @@ from typing import Any, Optional, Sequence, Union
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-__all__ = ['ConfigError', 'TrainConfig', 'check_data_paths', 'cli_config', 'time_string_error', 'load_config', 'save_config', 'to_container', 'validate']
+__all__ = ['ConfigError', 'TrainConfig', 'check_data_paths', 'cli_config', 'load_config', 'load_yaml', 'save_config',
+           'time_string_error', 'to_container', 'validate']
 
 
 class ConfigError(ValueError):
@@ -229,6 +230,29 @@ def validate(raw: dict[str, Any], schema: type = None) -> Any:
     return schema(**raw)
 
 
+def load_yaml(path: Union[str, Path], _seen: tuple[Path, ...] = ()) -> DictConfig:
+    """Read a config YAML; a top-level ``base: other.yaml`` (relative to this file) is read first and this file's
+    keys are merged over it, so a recipe variant (e.g. the 512 px continuation) states only what differs.
+
+    Raises:
+        ConfigError: Unreadable file, not a mapping, missing or circular ``base``.
+    """
+    path = Path(path)
+    try:
+        cfg = OmegaConf.load(path)
+    except (OSError, OmegaConfBaseException) as err:
+        raise ConfigError(f'could not read config {path}: {err}') from err
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f'config {path} must be a YAML mapping at the top level')
+    if 'base' not in cfg:
+        return cfg
+    parent = path.parent / str(cfg.pop('base'))
+    if parent.resolve() in _seen or not parent.is_file():
+        raise ConfigError(f'config key `base` in {path}: {parent} is ' +
+                          ('circular' if parent.is_file() else 'not a file') + ' (a YAML path relative to this file)')
+    return OmegaConf.merge(load_yaml(parent, _seen + (path.resolve(),)), cfg)  # type: ignore[return-value]
+
+
 def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = (),
                 base: Optional[dict[str, Any]] = None, schema: Optional[type] = None) -> Any:
     """Load a YAML file (or ``base`` dict), apply ``key.path=value`` overrides, resolve, validate.
@@ -244,12 +268,7 @@ def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = 
     """
     if (path is None) == (base is None):
         raise ValueError('give exactly one of path or base')
-    try:
-        cfg = OmegaConf.load(path) if path is not None else OmegaConf.create(base)
-    except (OSError, OmegaConfBaseException) as err:
-        raise ConfigError(f'could not read config {path}: {err}') from err
-    if not isinstance(cfg, DictConfig):
-        raise ConfigError(f'config {path} must be a YAML mapping at the top level')
+    cfg = load_yaml(path) if path is not None else OmegaConf.create(base)
     cfg = _merge(cfg, overrides)
     raw = to_container(cfg)
     raw.pop('variables', None)

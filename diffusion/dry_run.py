@@ -145,6 +145,11 @@ def _step_flops(cfg: TrainConfig, model: Any, info: dict[str, Any], n: int = 2) 
     from torch.utils.flop_counter import FlopCounterMode
     batch = _meta_batch(cfg, model, info, n)
     model.train()
+    # Integer buffers (step counters) steer Python control flow, which needs values: give them real zeros.
+    for module in model.modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is not None and buf.is_meta and not buf.is_floating_point():
+                module._buffers[name] = torch.zeros(buf.shape, dtype=buf.dtype)
     counter = FlopCounterMode(display=False)
     with counter:
         outputs = model(batch)
