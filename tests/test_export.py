@@ -111,6 +111,24 @@ def test_export_sd_reproduces_generate(loaded, tmp_path):
     assert diff > 1e-3
 
 
+@pytest.mark.parametrize('sampler', ['euler_ancestral', 'ddpm'])
+def test_export_reproduces_per_image_seeds_with_stochastic_samplers(loaded, sampler):
+    """The generator convention: per-image seeds here = one CPU generator per image in the diffusers pipeline,
+    for the starting noise and for the noise stochastic samplers draw at every step."""
+    from diffusion.export.to_diffusers import to_diffusers_pipeline
+    model, _ = loaded
+    pipe = to_diffusers_pipeline(model, sampler=sampler)
+    pipe.set_progress_bar_config(disable=True)
+    prompts, seeds = ['a cat sitting on a sofa', 'coffee'], [21, 5]
+    kw = dict(height=64, width=64, num_inference_steps=3, guidance_scale=3.0)
+    ours = model.generate(prompts, seed=seeds, sampler=sampler, output_type='pt', **kw)
+    theirs = pipe(prompts, generator=[torch.Generator().manual_seed(s) for s in seeds], output_type='pt', **kw).images
+    assert (ours - theirs.to(ours.dtype)).abs().max().item() < 1e-3
+    # The second image alone, as the pipeline would make it alone: the batch does not matter.
+    alone = pipe(prompts[1:], generator=[torch.Generator().manual_seed(5)], output_type='pt', **kw).images
+    assert (ours[1:] - alone.to(ours.dtype)).abs().max().item() < 1e-3
+
+
 def test_export_sdxl_reproduces_generate(tmp_path):
     from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
 

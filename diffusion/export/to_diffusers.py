@@ -15,7 +15,11 @@ What has to match for the exported pipeline to give our images (each is set here
   cannot be exported faithfully and are refused;
 * the scheduler: ``noise_schedule.make_scheduler(sampler)``, i.e. ``diffusers_config()`` for that sampler;
 * the VAE ``scaling_factor`` = our model's ``scaling_factor``;
-* SDXL: ``force_zeros_for_empty_prompt=False`` (we use the empty caption's states, not zeros).
+* SDXL: ``force_zeros_for_empty_prompt=False`` (we use the empty caption's states, not zeros);
+* the seeds: our per-image seeds are the pipeline's list of CPU generators,
+  ``generator=[torch.Generator().manual_seed(s) for s in seeds]`` (``diffusion/samplers.py``);
+* the latent shift: SD/SDXL pipelines decode ``latents / scaling_factor``, so a model whose autoencoder has a
+  ``shift_factor`` (SD3/Flux-style VAE) is refused.
 
 MicroDiT (a transformer backbone) is not exported here: this module handles ``UNetBackbone`` models only and
 says so for anything else.

@@ -2,7 +2,8 @@
 
 Each layer follows the public MicroDiT code (SonyResearch/micro_diffusion, ``micro_diffusion/models/utils.py``)
 in structure and parameter layout: LayerNorms with a weight and no bias, QK-LayerNorm over the joint head vector
-(no affine), optional linear biases, SwiGLU feed-forward with the LLaMA hidden-width rounding.
+(no affine), optional linear biases, SwiGLU feed-forward with the LLaMA hidden-width rounding, and the
+expert-choice mixture-of-experts FFN.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ['modulate', 'layer_norm', 'sincos_pos_embed_2d', 'timestep_embedding', 'swiglu_hidden',
-           'round_up', 'Attention', 'SwiGLU', 'Mlp', 'TimestepEmbedder']
+           'round_up', 'Attention', 'SwiGLU', 'Mlp', 'TimestepEmbedder', 'ExpertChoiceMoE']
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -179,3 +180,47 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.norm(self.act(self.fc1(x))))
+
+
+# =============================================================================================
+# Expert-choice mixture of experts (Zhou et al. 2022)
+# =============================================================================================
+
+
+class ExpertChoiceMoE(nn.Module):
+    """Expert-choice MoE FFN: each expert picks its top ``int(capacity * T / E)`` tokens of each sample.
+
+    Routing probabilities are a softmax over experts; experts are GELU two-matrix MLPs; a token picked by
+    several experts sums their gated outputs, a token picked by none gets 0. No auxiliary loss. Vectorised
+    over samples and experts (gather -> batched matmuls -> scatter-add); no Python loop.
+    """
+
+    def __init__(self, dim: int, hidden: int, num_experts: int, capacity: float) -> None:
+        super().__init__()
+        self.num_experts, self.capacity, self.hidden = num_experts, capacity, hidden
+        self.gate = nn.Linear(dim, num_experts, bias=False)  # the router
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+
+    def tokens_per_expert(self, tokens: int) -> int:
+        return int(self.capacity * tokens / self.num_experts)
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Gates ``g`` (N, E, k) and token indices ``idx`` (N, E, k) each expert takes."""
+        probs = self.gate(x).softmax(dim=-1)  # (N, T, E)
+        return probs.transpose(1, 2).topk(self.tokens_per_expert(x.shape[1]), dim=-1)  # (N, E, k) x 2
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, t, d = x.shape
+        g, idx = self.route(x)  # (N, E, k)
+        batch = torch.arange(n, device=x.device)[:, None, None]
+        h = x[batch, idx]  # (N, E, k, D)
+        h = F.gelu(torch.einsum('nekd,edf->nekf', h, self.w1))  # (N, E, k, F)
+        h = torch.einsum('nekf,efd->nekd', h, self.w2) * g.unsqueeze(-1)  # (N, E, k, D)
+        flat = idx.reshape(n, -1, 1).expand(-1, -1, d)  # (N, E*k, D)
+        return x.new_zeros(n, t, d).scatter_add(1, flat, h.reshape(n, -1, d))  # (N, T, D)
+
+    def init_weights(self, out_std: float) -> None:
+        nn.init.trunc_normal_(self.gate.weight, std=0.02)
+        nn.init.trunc_normal_(self.w1, std=0.02)
+        nn.init.trunc_normal_(self.w2, std=out_std)

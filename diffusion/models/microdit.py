@@ -24,12 +24,11 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion.models.conditioning import CONDITIONING_MODES, ControlEmbedding
-from diffusion.models.layers import (Attention, Mlp, SwiGLU, TimestepEmbedder, layer_norm, modulate, round_up,
-                                     sincos_pos_embed_2d, swiglu_hidden)
+from diffusion.models.layers import (Attention, ExpertChoiceMoE, Mlp, SwiGLU, TimestepEmbedder, layer_norm, modulate,
+                                     round_up, sincos_pos_embed_2d, swiglu_hidden)
 from diffusion.registry import backbones
 
 log = logging.getLogger(__name__)
@@ -171,50 +170,6 @@ def restore_tokens(x: Tensor, ids_restore: Tensor) -> Tensor:
 
 
 # =============================================================================================
-# Expert-choice mixture of experts (Zhou et al. 2022)
-# =============================================================================================
-
-
-class ExpertChoiceMoE(nn.Module):
-    """Expert-choice MoE FFN: each expert picks its top ``int(capacity * T / E)`` tokens of each sample.
-
-    Routing probabilities are a softmax over experts; experts are GELU two-matrix MLPs; a token picked by
-    several experts sums their gated outputs, a token picked by none gets 0. No auxiliary loss. Vectorised
-    over samples and experts (gather -> batched matmuls -> scatter-add); no Python loop.
-    """
-
-    def __init__(self, dim: int, hidden: int, num_experts: int, capacity: float) -> None:
-        super().__init__()
-        self.num_experts, self.capacity, self.hidden = num_experts, capacity, hidden
-        self.gate = nn.Linear(dim, num_experts, bias=False)  # the router
-        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
-
-    def tokens_per_expert(self, tokens: int) -> int:
-        return int(self.capacity * tokens / self.num_experts)
-
-    def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Gates ``g`` (N, E, k) and token indices ``idx`` (N, E, k) each expert takes."""
-        probs = self.gate(x).softmax(dim=-1)  # (N, T, E)
-        return probs.transpose(1, 2).topk(self.tokens_per_expert(x.shape[1]), dim=-1)  # (N, E, k) x 2
-
-    def forward(self, x: Tensor) -> Tensor:
-        n, t, d = x.shape
-        g, idx = self.route(x)  # (N, E, k)
-        batch = torch.arange(n, device=x.device)[:, None, None]
-        h = x[batch, idx]  # (N, E, k, D)
-        h = F.gelu(torch.einsum('nekd,edf->nekf', h, self.w1))  # (N, E, k, F)
-        h = torch.einsum('nekf,efd->nekd', h, self.w2) * g.unsqueeze(-1)  # (N, E, k, D)
-        flat = idx.reshape(n, -1, 1).expand(-1, -1, d)  # (N, E*k, D)
-        return x.new_zeros(n, t, d).scatter_add(1, flat, h.reshape(n, -1, d))  # (N, T, D)
-
-    def init_weights(self, out_std: float) -> None:
-        nn.init.trunc_normal_(self.gate.weight, std=0.02)
-        nn.init.trunc_normal_(self.w1, std=0.02)
-        nn.init.trunc_normal_(self.w2, std=out_std)
-
-
-# =============================================================================================
 # Transformer block
 # =============================================================================================
 
@@ -293,7 +248,8 @@ class MicroDiT(nn.Module):
         self.y_embedder = Mlp(cfg.caption_channels, dim, eps)  # caption projection
         self.y_emb_preprocess = TextBlock(cfg)
         if cfg.conditioning not in CONDITIONING_MODES:
-            raise ValueError(f'unknown MicroDiT conditioning {cfg.conditioning!r}; expected one of {CONDITIONING_MODES}')
+            raise ValueError(f'unknown MicroDiT conditioning {cfg.conditioning!r}; '
+                             f'expected one of {CONDITIONING_MODES}')
         uses_pooled = cfg.conditioning != 'disentangled' or cfg.keep_pooled_text
         self.pooled_y_emb_process = Mlp(dim, dim, eps) if uses_pooled else None  # None: no unused DDP parameters
         self.control_embedding = None if cfg.conditioning == 'none' else \
