@@ -16,7 +16,7 @@ is skipped when the demo runs again, `--force` redoes everything):
  8. export       convert/export_diffusers.py     a diffusers pipeline folder + model card (licences, attribution)
  9. report       diffusion/evaluation/report.py  outputs/demo/report.md + report.html + metrics.json
 
-`--quick` runs the same stages for the UNet only, with fewer steps and 256 held-out images, into
+`--quick` runs the same stages for the UNet only, with fewer steps and 128 held-out images, into
 outputs/demo-quick/ (and data/demo/latents-quick).
 """
 from __future__ import annotations
@@ -37,8 +37,8 @@ PY = sys.executable
 PROFILES = {
     'full': {'autoencoder_steps': 250, 'diffusion_steps': 500, 'save_every': 125, 'eval_images': 0,
              'probe_train': 1200, 'sweep_images': 64, 'sample_steps': 10},
-    'quick': {'autoencoder_steps': 60, 'diffusion_steps': 120, 'save_every': 40, 'eval_images': 256,
-              'probe_train': 600, 'sweep_images': 24, 'sample_steps': 10},
+    'quick': {'autoencoder_steps': 60, 'diffusion_steps': 120, 'save_every': 40, 'eval_images': 128,
+              'probe_train': 300, 'sweep_images': 16, 'sample_steps': 10},
 }
 MODELS = {'unet': ('yamls/demo/unet.yaml', 'ddim'), 'microdit': ('yamls/demo/microdit.yaml', 'euler')}
 

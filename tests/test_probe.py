@@ -157,7 +157,7 @@ def test_demo_profiles_and_overrides():
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
     quick = demo.parse_args(['--quick'])
-    assert quick.models == ['unet'] and quick.eval_images == 256
+    assert quick.models == ['unet'] and quick.eval_images == 128
     full = demo.parse_args(['--diffusion-steps', '7'])
     assert full.models == ['unet', 'microdit'] and full.diffusion_steps == 7 and full.eval_images == 0
     for args in (quick, demo.parse_args([])):
