@@ -137,3 +137,25 @@ def test_center_crop_is_the_dataset_crop():
     expected = torch.from_numpy(np.asarray(crop, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
     torch.testing.assert_close(prepare_image(image, 32), expected)
     assert center_crop(image).size == (60, 60)  # no size: the square's own side
+
+
+def test_micro_diffusion_latents_train_with_composer(micro_latents):
+    """A real (2-batch) Trainer.fit straight from micro_diffusion's latent shards, no re-conversion."""
+    from composer import Trainer
+
+    from diffusion.models.latent_diffusion import build_latent_diffusion
+    local, _ = micro_latents
+    torch.manual_seed(0)
+    model = build_latent_diffusion(
+        backbone={'name': 'unet', 'preset': 'mini-s', 'sample_size': 32, 'cross_attention_dim': 8,
+                  'in_channels': 4, 'out_channels': 4},
+        noise_schedule={'name': 'edm', 'sigma_data': 0.9}, scaling_factor=0.13025)
+    spec = build_image_caption_dataloader(2, local=local, resolution=256, use_latents=True, latents_scaled=True)
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    trainer = Trainer(model=model, train_dataloader=spec, max_duration='2ba', device='cpu', progress_bar=False,
+                      optimizers=torch.optim.AdamW(model.backbone.parameters(), lr=1e-3))
+    trainer.fit()
+    assert int(trainer.state.timestamp.batch) == 2
+    assert any(not torch.equal(before[k], v) for k, v in model.backbone.state_dict().items())
+    trainer.close()
+    gc.collect()
