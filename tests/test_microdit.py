@@ -229,6 +229,13 @@ def test_mini_trains_with_mask_schedule_and_ema(demo_photos, tmp_path):
     assert ema and ema[0].ema_started
     assert sorted((tmp_path / 'samples').glob('*.png'))
     assert np.isfinite(float(trainer.state.eval_metrics['eval']['ValidationLoss'].compute()))
+    # The run's checkpoint exports natively (EMA weights) and generates.
+    from diffusion.export.native import export_checkpoint_native, load_native
+    folder = export_checkpoint_native(tmp_path / 'ckpt', tmp_path / 'export')
+    config = __import__('json').loads((folder / 'config.json').read_text())
+    assert config['metadata']['weights'] == 'ema' and config['generation']['sampler'] == 'heun'
+    images = load_native(folder).generate(['a cat'], seed=[0], **{**config['generation'], 'num_inference_steps': 1})
+    assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
 
 
 def test_native_export_round_trip_generates_the_same_images(tmp_path):
