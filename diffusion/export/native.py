@@ -2,6 +2,8 @@
 
 For backbones diffusers has no pipeline for (MicroDiT), and for any ``LatentDiffusion``::
 
+    python -m diffusion.export.native --checkpoint outputs/RUN/checkpoints --out exports/RUN [--weights ema]
+
     from diffusion.export.native import export_native, load_native
     export_native(model, model_config, 'exports/microdit')      # model_config: the run's `model:` block
     model = load_native('exports/microdit')                     # the same model, in eval mode
@@ -15,10 +17,12 @@ weights strictly.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import sys
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -92,3 +96,27 @@ def export_checkpoint_native(checkpoint: Union[str, Path], out_dir: Union[str, P
     model, info = load_model(checkpoint, config, weights)
     cfg = load_config(Path(info.config))
     return export_native(model, cfg.model, out_dir, metadata=info.as_dict())
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """CLI: a run's checkpoint -> a native export folder; prints a one-line summary (exit 2 on a bad input)."""
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--checkpoint', required=True, help='composer checkpoint (.pt) or its save folder')
+    parser.add_argument('--out', required=True, help='output folder')
+    parser.add_argument('--config', default=None, help='train config (default: config.yaml beside the checkpoint)')
+    parser.add_argument('--weights', default='auto', choices=('auto', 'ema', 'training'))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+    try:
+        out = export_checkpoint_native(args.checkpoint, args.out, args.config, args.weights)
+    except (FileNotFoundError, ValueError) as err:
+        print(f'export failed: {err}', file=sys.stderr)
+        return 2
+    config = json.loads((out / CONFIG_NAME).read_text())
+    print(f'exported {config["backbone"]} ({config["metadata"].get("weights")} weights, batch '
+          f'{config["metadata"].get("batch")}) to {out}: {WEIGHTS_NAME}, {CONFIG_NAME}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
