@@ -131,7 +131,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = {}
     for form, overrides in FORMS.items():
         start = time.time()
-        cfg = train_config(args.data, args.resolution, args.steps, out / form, args.autoencoder, overrides)
+        cfg = train_config(args.data, args.resolution, args.steps, out / form, args.autoencoder, overrides,
+                           args.eval_batches)
         model, val = train(cfg)
         row = {'val_loss': round(val, 4)}
         row.update(leakage(model, metrics.features, prompts, args.resolution, args.sample_steps, args.guidance))
@@ -151,6 +152,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--resolution', type=int, default=32)
     parser.add_argument('--steps', type=int, default=300, help='training batches per model')
     parser.add_argument('--num-eval', type=int, default=64, help='eval images for FID/KID')
+    parser.add_argument('--eval-batches', type=int, default=8, help='validation-loss batches (fixed subset)')
     parser.add_argument('--num-prompts', type=int, default=8, help='prompts of the leakage measurement')
     parser.add_argument('--sample-steps', type=int, default=20)
     parser.add_argument('--guidance', type=float, default=3.0)

@@ -30,7 +30,8 @@ def stage(args: argparse.Namespace, name: str, resolution: int, steps: int, extr
     """Train one run; returns the model and a row (validation loss, shift used, seconds)."""
     start = time.time()
     overrides = {'model.resolution': str(resolution), 'model.backbone.conditioning': args.conditioning, **extra}
-    cfg = train_config(args.data, resolution, steps, Path(args.out) / name, args.autoencoder, overrides)
+    cfg = train_config(args.data, resolution, steps, Path(args.out) / name, args.autoencoder, overrides,
+                       args.eval_batches)
     model, val = train(cfg)
     row = {'val_loss': round(val, 4), 'schedule_shift': model.noise_schedule.resolution_shift,
            'seconds': round(time.time() - start, 1)}
@@ -69,6 +70,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--conditioning', default='none', help='UNet conditioning form of all runs')
     parser.add_argument('--no-shift', action='store_true', help='transfer without the noise-schedule shift')
     parser.add_argument('--num-eval', type=int, default=64)
+    parser.add_argument('--eval-batches', type=int, default=8, help='validation-loss batches (fixed subset)')
     parser.add_argument('--sample-steps', type=int, default=20)
     parser.add_argument('--guidance', type=float, default=3.0)
     parser.add_argument('--autoencoder', default=None, help='diffusers AutoencoderKL folder (default: tiny random)')
