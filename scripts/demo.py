@@ -37,7 +37,7 @@ PY = sys.executable
 PROFILES = {
     'full': {'autoencoder_steps': 250, 'diffusion_steps': 500, 'save_every': 125, 'eval_images': 0,
              'probe_train': 1200, 'sweep_images': 64, 'sample_steps': 10},
-    'quick': {'autoencoder_steps': 60, 'diffusion_steps': 120, 'save_every': 40, 'eval_images': 128,
+    'quick': {'autoencoder_steps': 60, 'diffusion_steps': 80, 'save_every': 40, 'eval_images': 128,
               'probe_train': 300, 'sweep_images': 16, 'sample_steps': 10},
 }
 MODELS = {'unet': ('yamls/demo/unet.yaml', 'ddim'), 'microdit': ('yamls/demo/microdit.yaml', 'euler')}
