@@ -13,7 +13,7 @@ SBATCH = REPO / 'scripts' / 'launch' / 'slurm.sbatch'
 # Stand-in srun: drops srun's own options, records the command, runs it as one task with SLURM_NODEID=0.
 FAKE_SRUN = """#!/bin/bash
 while [[ "$1" == --* ]]; do shift; done
-printf '%s\\n' "$@" > "$SRUN_LOG"
+printf '%s\\0' "$@" > "$SRUN_LOG"
 SLURM_NODEID=0 exec "$@"
 """
 
@@ -36,9 +36,9 @@ def test_sbatch_script_runs_the_same_command_through_a_stand_in_srun(demo_photos
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert 'launch: 1 node(s) x 1 process(es), master 127.0.0.1:24242' in proc.stdout
-    srun_cmd = (tmp_path / 'srun.log').read_text().split('\n')
+    srun_cmd = (tmp_path / 'srun.log').read_text().split('\0')
     assert srun_cmd[:2] == ['bash', '-c'] and srun_cmd[3:5] == ['launch', 'yamls/tiny-cpu.yaml']
-    assert 'run test-tiny' not in proc.stdout  # the run name is the YAML's
+    assert '--node_rank "$SLURM_NODEID"' in srun_cmd[2]  # read per task, inside srun
     assert 'run tiny-cpu: 2 batches' in proc.stdout, proc.stdout[-3000:]
     assert (out / 'ckpt' / 'latest-rank0.pt').exists()
 
