@@ -261,3 +261,14 @@ def test_native_export_round_trip_generates_the_same_images(tmp_path):
     images = model.generate(**kwargs)
     assert images.shape == (2, 3, 32, 32) and images.std() > 0
     torch.testing.assert_close(loaded.generate(**kwargs), images, rtol=0, atol=0)
+
+
+def test_mask_schedule_parsing():
+    from diffusion.algorithms.mask_schedule import parse_schedule
+    parsed = parse_schedule([['0ba', 0.75], ['0.7dur', 0.0]])  # units may mix; the given order is kept
+    assert [(str(t), r) for t, r in parsed] == [(str(parsed[0][0]), 0.75), (str(parsed[1][0]), 0.0)]
+    assert parsed[1][0].unit.value == 'dur'
+    with pytest.raises(ValueError, match='chronological'):
+        parse_schedule([['10ba', 0.5], ['5ba', 0.0]])
+    with pytest.raises(ValueError, match=r'\[0, 1\)'):
+        parse_schedule({'0ba': 1.0})

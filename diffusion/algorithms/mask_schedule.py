@@ -1,8 +1,8 @@
 """Mask-ratio schedule for masking backbones (MicroDiT's deferred masking), as a Composer algorithm.
 
 MicroDiT pretrains with 75 % of the patches masked and finetunes unmasked (Sehwag et al. 2025, Sec. 4); with this
-algorithm one run can do both: ``{'0dur': 0.75, '0.9dur': 0.0}`` masks 75 % for the first 90 % of training, then
-nothing.
+algorithm one run can do both: ``[['0ba', 0.75], ['0.9dur', 0.0]]`` masks 75 % for the first 90 % of training,
+then nothing.
 """
 from __future__ import annotations
 
@@ -37,30 +37,34 @@ def set_mask_ratio(model: nn.Module, ratio: float) -> int:
 
 
 def parse_schedule(schedule: Union[dict[str, float], list[Any]]) -> list[tuple[Time, float]]:
-    """``{time: ratio}`` (or ``[[time, ratio], ...]``) -> sorted ``[(Time, ratio)]``; times are composer time
-    strings (``'0ba'``, ``'500ba'``, ``'2ep'``, ``'0.9dur'``), all in one unit."""
+    """``{time: ratio}`` (or ``[[time, ratio], ...]``) -> ``[(Time, ratio)]`` in the given (chronological) order.
+
+    Times are composer time strings (``'0ba'``, ``'500ba'``, ``'2ep'``, ``'0.9dur'``); units may differ between
+    entries (each is compared with the clock in its own unit), but entries of one unit must increase.
+    """
     pairs = list(schedule.items()) if isinstance(schedule, dict) else [tuple(p) for p in schedule]
     if not pairs:
         raise ValueError('mask_schedule.schedule is empty')
     parsed = [(Time.from_timestring(str(t)), float(r)) for t, r in pairs]
-    units = {t.unit for t, _ in parsed}
-    if len(units) > 1:
-        raise ValueError('mask_schedule.schedule: use one time unit for all entries, got '
-                         f'{sorted(u.value for u in units)}')
-    for _, ratio in parsed:
+    last: dict[TimeUnit, float] = {}
+    for time, ratio in parsed:
         if not 0.0 <= ratio < 1.0:
             raise ValueError(f'mask_schedule.schedule: mask ratio must be in [0, 1), got {ratio}')
-    return sorted(parsed, key=lambda p: p[0].value)
+        if time.value < last.get(time.unit, float('-inf')):
+            raise ValueError(f'mask_schedule.schedule: list entries in chronological order ({time} comes after '
+                             f'{last[time.unit]}{time.unit.value})')
+        last[time.unit] = time.value
+    return parsed
 
 
 class MaskSchedule(Algorithm):
     """Piecewise-constant mask ratio over training (YAML: ``algorithms: {mask_schedule: {schedule: {...}}}``).
 
-    At every batch start the ratio of the last entry whose time has been reached is set on the backbone (before
-    the first entry: the model's own ``mask_ratio``). Logs ``mask_ratio``.
+    At every batch start the ratio of the last entry (in the given order) whose time has been reached is set on the
+    backbone (before the first entry: the model's own ``mask_ratio``). Logs ``mask_ratio``.
 
     Args:
-        schedule: ``{time: ratio}``, e.g. ``{'0dur': 0.75, '0.9dur': 0.0}``.
+        schedule: ``[[time, ratio], ...]`` or ``{time: ratio}``, e.g. ``[['0ba', 0.75], ['0.9dur', 0.0]]``.
     """
 
     def __init__(self, schedule: Union[dict[str, float], list[Any]]) -> None:
@@ -69,10 +73,12 @@ class MaskSchedule(Algorithm):
 
     def ratio_at(self, state: State) -> float | None:
         """The scheduled ratio at the state's current time (None before the first entry)."""
-        unit = self.schedule[0][0].unit
-        now = float(state.get_elapsed_duration() or 0.0) if unit == TimeUnit.DURATION \
-            else state.timestamp.get(unit).value
-        reached = [ratio for t, ratio in self.schedule if now >= t.value]
+        def now(unit: TimeUnit) -> float:
+            if unit == TimeUnit.DURATION:
+                return float(state.get_elapsed_duration() or 0.0)
+            return float(state.timestamp.get(unit).value)
+
+        reached = [ratio for t, ratio in self.schedule if now(t.unit) >= t.value]
         return reached[-1] if reached else None
 
     def match(self, event: Event, state: State) -> bool:
