@@ -119,7 +119,7 @@ def train_stages(args: argparse.Namespace, paths: dict[str, Path], times: dict[s
     times['latents'] = step('latents', [
         PY, 'convert/precompute_latents.py', '--src', str(source), '--out', str(paths['latents']), '--vae',
         str(ae / 'vae'), '--text-encoder', 'minilm', '--resolutions', '64'],
-        paths['latents'] / 'empty_caption.safetensors', args.force, logs)
+        paths['latents'] / 'latents.json', args.force, logs)  # written last: an interrupted run is redone
     for name in args.models:
         yaml = MODELS[name][0]
         times[name] = step(name, [
