@@ -65,8 +65,10 @@ def test_speedups_through_a_fit(demo_photos, tmp_path, caplog):
 
 
 def test_compile_backbone_through_a_fit(demo_photos, tmp_path):
-    # The `eager` backend runs TorchDynamo's graph capture without code generation: fast enough for a test.
-    trainer, _ = _fit(demo_photos, tmp_path, 'algorithms.compile_backbone.backend=eager', batches=1)
+    # The `eager` backend runs TorchDynamo's graph capture without code generation, on a one-layer-per-block UNet
+    # (tracing time grows with the number of modules): fast enough for a test.
+    trainer, _ = _fit(demo_photos, tmp_path, 'algorithms.compile_backbone.backend=eager',
+                      'model.backbone.layers_per_block=1', batches=1)
     backbone = trainer.state.model.backbone
     assert backbone._compiled_call_impl is not None  # nn.Module.compile, in place
     assert torch.isfinite(trainer.state.loss).all()
