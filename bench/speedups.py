@@ -105,11 +105,13 @@ def make_step(model: torch.nn.Module, on: set[str], batch: dict[str, torch.Tenso
 
 def step_flops(kind: str, batch: dict[str, torch.Tensor], latent: int) -> int:
     """FLOPs of the plain step's forward + backward (the optimizer's few FLOPs per parameter left out)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     model = build_backbone(kind, {'sdpa'}, latent)
     counter = FlopCounterMode(display=False)
     x, t = batch['latents'], torch.full((batch['latents'].shape[0],), 500)
-    with counter:
+    # SDPA's math backend: the fused CPU kernels have no FLOP formula, so their attention would count as 0.
+    with sdpa_kernel(SDPBackend.MATH), counter:
         model(x, t, text_hidden=batch['text_hidden']).square().mean().backward()
     return int(counter.get_total_flops())
 

@@ -55,11 +55,13 @@ def count_step_flops(model: Any, batch: dict[str, Any], samples: int = 1) -> int
     Gradients are taken with ``torch.autograd.grad`` (nothing accumulates into ``.grad``), the RNG state is
     restored afterwards (the run's noise draws are unchanged), and any ``torch.compile`` is bypassed.
     """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     params = [p for p in model.parameters() if p.requires_grad]
     small = _first(batch, samples)
     counter = FlopCounterMode(display=False)
-    with torch.random.fork_rng(), torch.compiler.set_stance('force_eager'), counter:
+    # SDPA's math backend: the fused CPU kernels have no FLOP formula, so their attention would count as 0.
+    with torch.random.fork_rng(), torch.compiler.set_stance('force_eager'), sdpa_kernel(SDPBackend.MATH), counter:
         loss = model.loss(model(small), small)
         torch.autograd.grad(loss, params, allow_unused=True)
     return int(counter.get_total_flops())
