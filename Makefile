@@ -6,6 +6,7 @@ UV := $(VENV)/bin/uv
 UV_VERSION := 0.9.5
 STAMP := $(VENV)/.installed
 DEMO_PHOTOS := data/demo_photos/eval/index.json
+CATALOG_CACHE := data/cache/.catalog-packages
 
 .PHONY: install test demo lock clean
 
@@ -24,11 +25,17 @@ $(STAMP): requirements/lock.txt requirements/nodeps.txt setup.py
 $(DEMO_PHOTOS): $(STAMP) diffusion/data/demo_photos.json
 	$(PYTHON) -c "from diffusion.data import build_demo_photos; build_demo_photos('data/demo_photos')"
 
+# The npm / Debian packages the mini catalog is built from (OpenMoji, Twemoji, OpenClipart), fetched once into the
+# cache that convert/commoncatalog_mini.py reads, so that the test suite itself never downloads anything.
+$(CATALOG_CACHE): $(STAMP)
+	$(PYTHON) -c "from diffusion.data.sources import SOURCES; [SOURCES[s][0]('data/cache') for s in ('openmoji', 'twemoji', 'openclipart')]"
+	@touch $@
+
 # Re-pin every package after editing requirements/requirements.in.
 lock: install
 	$(UV) pip compile -q --python-version 3.11 requirements/requirements.in -o requirements/lock.txt
 
-test: install
+test: install $(CATALOG_CACHE)
 	$(PYTHON) -m pytest tests
 
 demo: install

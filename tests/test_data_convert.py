@@ -272,7 +272,8 @@ def test_writer_refuses_missing_columns(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # The mini catalog from the real packages (downloads once into the cache)
 # ---------------------------------------------------------------------------------------------
-# npm and Debian packages the test reads; `make demo` fetches them into data/cache.
+# npm and Debian packages the test reads; `make test` (and `make demo`) fetch them into data/cache first, so the
+# test itself never downloads.
 CATALOG_PACKAGES = (CACHE / 'npm' / 'openmoji-17.0.0', CACHE / 'npm' / 'emoji-datasource-twitter-16.0.0',
                     CACHE / 'deb' / 'openclipart-svg')
 
@@ -281,7 +282,7 @@ CATALOG_PACKAGES = (CACHE / 'npm' / 'openmoji-17.0.0', CACHE / 'npm' / 'emoji-da
 def test_commoncatalog_mini_commercial(tmp_path):
     missing = [str(p) for p in CATALOG_PACKAGES if not p.exists()]
     if missing and os.environ.get('DIFFUSION_ALLOW_DOWNLOADS') != '1':
-        pytest.skip(f'offline suite: the package cache lacks {missing} (run `make demo` once, or set '
+        pytest.fail(f'the package cache lacks {missing}: `make test` fetches them before the suite (or set '
                     'DIFFUSION_ALLOW_DOWNLOADS=1 to let this test run npm pack / apt-get download)')
     out = tmp_path / 'cc'
     # Include the OpenClipart drawings CC's old GPL deed covers and a duplicated frog, plus a few others.
