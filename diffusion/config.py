@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence, Union
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-__all__ = ['ConfigError', 'TrainConfig', 'check_data_paths', 'cli_config', 'load_config', 'load_yaml', 'save_config',
+__all__ = ['ConfigError', 'TrainConfig', 'check_data_paths', 'cli_config', 'run_cli', 'load_config', 'load_yaml', 'save_config',
            'time_string_error', 'to_container', 'validate']
 
 
@@ -297,4 +297,22 @@ def cli_config(argv: Optional[Sequence[str]], usage: str, schema: Optional[type]
         return load_config(argv[0], argv[1:], schema=schema), 0
     except ConfigError as err:
         print(f'config error: {err}', file=sys.stderr)
+        return None, 2
+
+
+def run_cli(argv: Optional[Sequence[str]], usage: str, schema: type, action: Any) -> tuple[Any, int]:
+    """:func:`cli_config`, then ``action(config)``; bad input (a config error, a bad value, a missing file) is
+    printed as one ``error:`` line.
+
+    Returns:
+        ``(result, 0)``, or ``(None, status)``: 0 for help, 2 for a usage, config or input error.
+    """
+    import sys
+    cfg, status = cli_config(argv, usage, schema)
+    if cfg is None:
+        return None, status
+    try:
+        return action(cfg), 0
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f'error: {err}', file=sys.stderr)
         return None, 2

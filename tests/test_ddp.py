@@ -32,6 +32,7 @@ def test_two_ranks_disjoint_samples_same_weights(demo_photos, tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     logs = proc.stdout + ''.join(p.read_text() for p in sorted(tmp_path.glob('rank*.*')))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + logs[-5000:]
+    assert 'run test-tiny: 2 batches' in logs
     batches0, digest0 = _ledger(tmp_path / 'ledger' / 'rank0.jsonl')
     batches1, digest1 = _ledger(tmp_path / 'ledger' / 'rank1.jsonl')
     # Global batch 8 over two ranks: 2 batches of 4 samples each per rank.

@@ -230,17 +230,11 @@ def plot_curve(rows: Sequence[dict[str, Any]], path: Path, x: str = 'auto') -> P
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``run_eval.py YAML [key=value ...]``: prints a table and the JSON path; exit status 2 on bad input."""
-    import sys
-
-    from diffusion.config import ConfigError, cli_config
-    cfg, status = cli_config(argv, 'python run_eval.py yamls/eval/CONFIG.yaml [key=value ...]', EvalConfig)
-    if cfg is None:
+    from diffusion.config import run_cli
+    results, status = run_cli(argv, 'python run_eval.py yamls/eval/CONFIG.yaml [key=value ...]', EvalConfig,
+                              evaluate)
+    if results is None:
         return status
-    try:
-        results = evaluate(cfg)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 2
     print(f'{"guidance":>8} {"FID":>9} {"KID":>9} {"KID std":>8} {"CLIP":>7} {"n":>5}')
     for r in results['results']:
         g = '-' if r['guidance_scale'] is None else f'{r["guidance_scale"]:g}'
@@ -250,5 +244,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f'{g:>8} {r["fid"]:9.2f} {r["kid_mean"]:9.4f} {r["kid_std"]:8.4f} {clip:>7} {r["num_generated"]:5d}')
     if results['results'][0]['clip_score'] is None:
         print(f'CLIP score unavailable: {results["results"][0]["clip_score_reason"]}')
-    print(f'results: {Path(cfg.out_dir) / "results.json"}, curve: {results["plot"]}')
+    print(f'results: {Path(results["plot"]).with_name("results.json")}, curve: {results["plot"]}')
     return 0

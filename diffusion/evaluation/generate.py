@@ -256,18 +256,11 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``run_generate.py YAML [key=value ...]``: exit status 2 with a readable message on a config error."""
-    import sys
-
-    from diffusion.config import ConfigError, cli_config
-    cfg, status = cli_config(argv, 'python run_generate.py yamls/generate/CONFIG.yaml [key=value ...]',
-                             GenerateConfig)
-    if cfg is None:
+    from diffusion.config import run_cli
+    summary, status = run_cli(argv, 'python run_generate.py yamls/generate/CONFIG.yaml [key=value ...]',
+                              GenerateConfig, run)
+    if summary is None:
         return status
-    try:
-        summary = run(cfg)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 2
     print(f'generated {summary["num_new"]} new images ({summary["num_images"]} in all) in {summary["out_dir"]} '
           f'from {summary["checkpoint"]} ({summary["weights"]} weights); contact sheet: {summary["contact_sheet"]}')
     return 0
