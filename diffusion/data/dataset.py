@@ -308,53 +308,28 @@ def _num_samples(batch: dict[str, Any]) -> int:
 def build_image_caption_dataloader(batch_size: int,
                                    *,
                                    streams: Sequence[dict[str, Any]] | dict[str, dict[str, Any]] | None = None,
-                                   remote: str | None = None,
-                                   local: str | None = None,
-                                   split: str | None = None,
-                                   resolution: int = 256,
-                                   crop: str = 'center',
-                                   random_flip: bool = False,
-                                   caption_dropout: float = 0.0,
-                                   control_dropout: float = 0.0,
-                                   use_latents: bool | int | str = False,
-                                   image_key: str = 'image',
-                                   caption_key: str = 'caption',
-                                   latents_scaled: bool | None = None,
-                                   text_length: int = 77,
-                                   shuffle: bool = True,
                                    num_workers: int = 0,
                                    drop_last: bool = True,
                                    persistent_workers: bool = False,
                                    prefetch_factor: int | None = None,
                                    pin_memory: bool = False,
-                                   **streaming_kwargs: Any) -> Any:
+                                   **dataset_kwargs: Any) -> Any:
     """Build the ``image_caption`` dataloader as a Composer ``DataSpec``.
 
     Args:
         batch_size: Per-device batch size.
-        streams: A list (or name -> dict mapping) of ``streaming.Stream`` arguments; or use
+        streams: A list (or name -> dict mapping, as YAML writes it) of ``streaming.Stream`` arguments; or use
             ``remote``/``local``.
-        remote: Remote dataset path, or None for a local dataset.
-        local: Local folder (cache for ``remote``, or the dataset).
-        split: Split folder (``train``/``eval``).
-        resolution: Output side in pixels (or bucket area with ``aspect_buckets``).
-        crop: ``center``, ``random`` or ``aspect_buckets``.
-        random_flip: Horizontal flip with probability 0.5 (pixel mode only).
-        caption_dropout: Probability of an empty caption, applied at load time.
-        control_dropout: Probability of the null control (``control_dropped``), independent of captions.
-        use_latents: Read precomputed latent columns instead of pixels (see the dataset).
-        image_key: Image column (``image``; ``jpg`` for mosaicml/diffusion LAION and micro_diffusion shards).
-        caption_key: Caption column; a list column gives one caption drawn per sample.
-        latents_scaled: Stored latents are already multiplied by the VAE scaling factor (micro_diffusion's).
-        text_length: Tokens per caption of micro_diffusion's flat ``<caption_key>_latents`` bytes.
-        shuffle: Shuffle (streaming's deterministic, seeded shuffle).
         num_workers: DataLoader worker processes.
         drop_last: Drop the last incomplete batch.
         persistent_workers: Keep workers between epochs (only with ``num_workers > 0``).
         prefetch_factor: Batches prefetched per worker (only with ``num_workers > 0``).
         pin_memory: Pin batches in page-locked memory.
-        **streaming_kwargs: Other ``StreamingDataset`` arguments (``shuffle_seed``, ``predownload``,
-            ``cache_limit``, ``shuffle_algo``, ``seed`` for the transforms, ...).
+        **dataset_kwargs: Arguments of :class:`StreamingImageCaptionDataset` (``remote``, ``local``, ``split``,
+            ``resolution``, ``crop``, ``random_flip``, ``caption_dropout``, ``control_dropout``, ``use_latents``,
+            ``image_key``, ``caption_key``, ``latents_scaled``, ``text_length``, ``shuffle``, ...) and through it
+            of ``StreamingDataset`` (``shuffle_seed``, ``predownload``, ``cache_limit``, ...). A name neither
+            takes is a config error (``diffusion.registry.KWARGS_TARGETS``).
 
     Returns:
         A ``composer.core.DataSpec`` whose batches are dicts (see the module docstring of
@@ -364,19 +339,15 @@ def build_image_caption_dataloader(batch_size: int,
 
     if isinstance(streams, dict) or hasattr(streams, 'items'):
         streams = [dict(v) for v in streams.values()]  # type: ignore[union-attr]
-    dataset = StreamingImageCaptionDataset(
-        streams=streams, remote=remote, local=local, split=split, resolution=resolution, crop=crop,
-        random_flip=random_flip, caption_dropout=caption_dropout, control_dropout=control_dropout,
-        use_latents=use_latents,
-        image_key=image_key, caption_key=caption_key, latents_scaled=latents_scaled, text_length=text_length,
-        shuffle=shuffle, batch_size=batch_size, **streaming_kwargs)
+    dataset_kwargs.setdefault('shuffle', True)
+    dataset = StreamingImageCaptionDataset(streams=streams, batch_size=batch_size, **dataset_kwargs)
     loader_kwargs: dict[str, Any] = {}
     if num_workers > 0:
         loader_kwargs['persistent_workers'] = persistent_workers
         if prefetch_factor is not None:
             loader_kwargs['prefetch_factor'] = prefetch_factor
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, drop_last=drop_last,
-                        pin_memory=pin_memory, collate_fn=ImageCaptionCollate(resolution), **loader_kwargs)
+                        pin_memory=pin_memory, collate_fn=ImageCaptionCollate(dataset.resolution), **loader_kwargs)
     return DataSpec(loader, get_num_samples_in_batch=_num_samples)
 
 

@@ -49,7 +49,8 @@ def pipeline_kind(model: Any) -> str:
     unet = getattr(model.backbone, 'unet', None)
     if unet is None:
         raise ExportError(f'export supports UNet backbones only; this model has a {type(model.backbone).__name__} '
-                          'backbone (MicroDiT export is not implemented)')
+                          'backbone: diffusers has no pipeline for it; export it natively with '
+                          '`python -m diffusion.export.native` (safetensors + JSON config)')
     return 'sdxl' if unet.config.addition_embed_type == 'text_time' else 'sd'
 
 
@@ -88,6 +89,9 @@ def _check_common(model: Any) -> None:
         raise ExportError(f'this model shifts its latents (autoencoder shift_factor {model.shift_factor}, SD3/Flux-'
                           'style VAE); the SD and SDXL pipelines decode latents / scaling_factor without the shift, '
                           'so an export would not reproduce its images')
+    if getattr(model.backbone, 'conditioning', None) == 'disentangled':
+        raise ExportError('this UNet adds a noise-gated control embedding (conditioning: disentangled) that diffusers '
+                          'pipelines do not compute, so an export would not reproduce its images')
 
 
 def _sd_parts(model: Any) -> dict[str, Any]:
