@@ -41,24 +41,23 @@ for _name, _cls in _EXTRA_ALGORITHMS.items():
 # ---------------------------------------------------------------------------------------------
 # The project's own registries
 # ---------------------------------------------------------------------------------------------
-models = create_registry(
-    'diffusion', 'models', generic_type=Callable[..., Any], entry_points=True,
-    description='ComposerModels built from a `model:` block (e.g. latent_diffusion).')
-backbones = create_registry(
-    'diffusion', 'backbones', generic_type=Callable[..., Any], entry_points=True,
-    description='Denoising networks (UNet presets, transformers) built from `backbone:` blocks.')
-autoencoders = create_registry(
-    'diffusion', 'autoencoders', generic_type=Callable[..., Any], entry_points=True,
-    description='Frozen image autoencoders (VAE) built from `autoencoder:` blocks.')
-text_encoders = create_registry(
-    'diffusion', 'text_encoders', generic_type=Callable[..., Any], entry_points=True,
-    description='Frozen text encoders (with their tokenizers) built from `text_encoder:` blocks.')
-noise_schedules = create_registry(
-    'diffusion', 'noise_schedules', generic_type=Callable[..., Any], entry_points=True,
-    description='Noise schedules (DDPM scaled-linear, cosine, EDM) built from `noise_schedule:` blocks.')
-dataloaders = create_registry(
-    'diffusion', 'dataloaders', generic_type=Callable[..., Any], entry_points=True,
-    description='Dataloader builders (return a DataLoader or DataSpec) for `train_loader:` / `eval_loader:`.')
+
+
+def _project_registry(name: str, description: str) -> TypedRegistry:
+    return create_registry('diffusion', name, generic_type=Callable[..., Any], entry_points=True,
+                           description=description)
+
+
+models = _project_registry('models', 'ComposerModels built from a `model:` block (e.g. latent_diffusion).')
+backbones = _project_registry('backbones',
+                              'Denoising networks (UNet presets, transformers) built from `backbone:` blocks.')
+autoencoders = _project_registry('autoencoders', 'Frozen image autoencoders (VAE) built from `autoencoder:` blocks.')
+text_encoders = _project_registry('text_encoders',
+                                  'Frozen text encoders (with their tokenizers) built from `text_encoder:` blocks.')
+noise_schedules = _project_registry(
+    'noise_schedules', 'Noise schedules (DDPM scaled-linear, cosine, EDM) built from `noise_schedule:` blocks.')
+dataloaders = _project_registry(
+    'dataloaders', 'Dataloader builders (return a DataLoader or DataSpec) for `train_loader:` / `eval_loader:`.')
 
 REGISTRIES: dict[str, TypedRegistry] = {
     'optimizers': optimizers,
