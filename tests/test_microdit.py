@@ -272,3 +272,81 @@ def test_mask_schedule_parsing():
         parse_schedule([['10ba', 0.5], ['5ba', 0.0]])
     with pytest.raises(ValueError, match=r'\[0, 1\)'):
         parse_schedule({'0ba': 1.0})
+
+
+# --------------------------------------------------------------------------------------------- sampling defaults
+
+
+def _tiny_model(schedule: dict) -> LatentDiffusion:
+    from diffusion import registry
+    block = {'name': 'latent_diffusion', 'autoencoder': {'name': 'autoencoder_kl', 'config': 'tiny'},
+             'text_encoder': {'name': 'tiny_clip'},
+             'backbone': {'name': 'microdit', 'preset': 'microdit-mini', **{k: v for k, v in SMALL.items()
+                                                                           if k != 'cross_attention_dim'}},
+             'noise_schedule': schedule}
+    torch.manual_seed(0)
+    return registry.build(registry.models, block, 'model').eval()
+
+
+def _record_sampling(monkeypatch, model):
+    """Record the sampler, step count and guidance scale that ``model.generate`` uses (no real sampling)."""
+    import diffusion.models.latent_diffusion as ld
+    seen = {}
+    real_make = model.noise_schedule.make_scheduler
+    real_guidance = ld.guidance
+
+    def make_scheduler(sampler):
+        seen['sampler'] = sampler
+        return real_make(sampler)
+
+    def fake_sample(denoise_fn, scheduler, shape, *, num_steps, **kwargs):
+        seen['num_inference_steps'] = num_steps
+        denoise_fn(torch.zeros(shape), torch.ones(()))  # one guided call, so the guidance scale is recorded
+        return torch.zeros(shape)
+
+    def spy_guidance(uncond, cond, scale, rescale=0.0):
+        seen['guidance_scale'] = scale
+        return real_guidance(uncond, cond, scale, rescale)
+
+    monkeypatch.setattr(model.noise_schedule, 'make_scheduler', make_scheduler)
+    monkeypatch.setattr(ld, 'sample', fake_sample)
+    monkeypatch.setattr(ld, 'guidance', spy_guidance)
+    return seen
+
+
+def test_sampling_defaults_follow_the_noise_schedule(monkeypatch, tmp_path):
+    from diffusion.evaluation import generate as gen
+    from diffusion.schedules import DDPMSchedule
+    assert gen.sampling_defaults(EDMSchedule()) == {'sampler': 'heun', 'num_inference_steps': 30,
+                                                    'guidance_scale': 5.0}
+    assert gen.sampling_defaults(DDPMSchedule()) == {'sampler': 'ddim', 'num_inference_steps': 50,
+                                                     'guidance_scale': 7.5}
+    assert gen.resolve_sampling(EDMSchedule(), 'euler', None, 2.0) == {'sampler': 'euler',
+                                                                       'num_inference_steps': 30,
+                                                                       'guidance_scale': 2.0}
+    # generate() with nothing given: an EDM model (MicroDiT) samples with Heun, 30 steps, guidance 5
+    edm = _tiny_model({'name': 'edm', 'sigma_data': 0.9, 'p_mean': -0.6, 'p_std': 1.2})
+    seen = _record_sampling(monkeypatch, edm)
+    edm.generate(['a cat'], seed=[0], output_type='latent')
+    assert seen == {'sampler': 'heun', 'num_inference_steps': 30, 'guidance_scale': 5.0}
+    edm.generate(['a cat'], seed=[0], output_type='latent', sampler='euler', num_inference_steps=3,
+                 guidance_scale=2.0)  # what the user gives wins
+    assert seen == {'sampler': 'euler', 'num_inference_steps': 3, 'guidance_scale': 2.0}
+    ddpm = _tiny_model({'name': 'ddpm'})
+    seen = _record_sampling(monkeypatch, ddpm)
+    ddpm.generate(['a cat'], seed=[0], output_type='latent')
+    assert seen == {'sampler': 'ddim', 'num_inference_steps': 50, 'guidance_scale': 7.5}
+    # the generation CLI (run_generate.py): unset keys take the loaded model's defaults, recorded in run.json
+    from diffusion.export.checkpoint import CheckpointInfo
+    monkeypatch.setattr('diffusion.export.checkpoint.load_model', lambda *a, **k: (
+        edm, CheckpointInfo(checkpoint='ckpt.pt', config='config.yaml', weights='training', has_ema=False)))
+    prompts = tmp_path / 'prompts.txt'
+    prompts.write_text('a cat\n')
+    cfg = gen.GenerateConfig(checkpoint='ckpt.pt', prompts=str(prompts), out_dir=str(tmp_path / 'out'),
+                             contact_sheet=0, device='cpu')
+    assert (cfg.sampler, cfg.num_inference_steps, cfg.guidance_scale) == (None, None, None)
+    seen = _record_sampling(monkeypatch, edm)
+    gen.run(cfg)
+    recorded = __import__('json').loads((tmp_path / 'out' / 'run.json').read_text())
+    assert {k: recorded[k] for k in seen} == {'sampler': 'heun', 'num_inference_steps': 30, 'guidance_scale': 5.0}
+    assert seen == {'sampler': 'heun', 'num_inference_steps': 30, 'guidance_scale': 5.0}

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ['fid_kid', 'checkpoints_of', 'main']
 
+# Defaults for DDPM models (the demo's UNet); EDM models (MicroDiT) take the project's: heun, 30 steps, guidance 5.
+DEMO_DDPM_SAMPLING = {'sampler': 'ddim', 'num_inference_steps': 20, 'guidance_scale': 3.0}
+
 
 def fid_kid(real: np.ndarray, fake: np.ndarray, subsets: int = 100, subset_size: int = 1000,
             seed: int = 0) -> dict[str, float]:
@@ -62,12 +65,16 @@ def _generate(ckpt: Path, prompts: Sequence[str], out: Path, args: argparse.Name
     """Images for ``prompts`` from one checkpoint (resumable folder ``out``), as PIL images in prompt order."""
     from PIL import Image
 
-    from diffusion.evaluation.generate import default_size, generate_to_folder
+    from diffusion.evaluation.generate import default_size, generate_to_folder, resolve_sampling
     from diffusion.export.checkpoint import load_model
     model, info = load_model(ckpt, weights='auto')
     size = default_size(model)
+    chosen = resolve_sampling(model, args.sampler, args.steps, guidance, ddpm=DEMO_DDPM_SAMPLING)
+    args.sampler, args.steps = chosen['sampler'], chosen['num_inference_steps']  # recorded in metrics.json
+    if args.guidance is None and guidance is None:  # the checkpoints' guidance: the model's default
+        args.guidance = chosen['guidance_scale']
     settings = {'checkpoint': info.checkpoint, 'weights': info.weights, 'seed': args.seed,
-                'guidance_scale': float(guidance), 'guidance_rescale': 0.0, 'negative_prompt': None,
+                'guidance_scale': float(chosen['guidance_scale']), 'guidance_rescale': 0.0, 'negative_prompt': None,
                 'num_inference_steps': args.steps, 'sampler': args.sampler, 'height': size, 'width': size}
     with torch.inference_mode():
         entries = generate_to_folder(model, prompts, out, settings, args.batch_size)
@@ -122,6 +129,7 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
         result['checkpoints'][tag] = {'batch': batch, 'images': str(out / f'ba{batch}'),
                                       **_score(f'batch {batch}', images, real, held['categories'], probe,
                                                extractor, args)}
+    result['settings'].update(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)  # resolved
     sweep = []
     pick = list(range(0, len(prompts), max(1, len(prompts) // args.sweep_images)))[:args.sweep_images]
     for g in args.sweep:
@@ -167,9 +175,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--num-reference', type=int, default=None, help='held-out images/prompts (default: all)')
     p.add_argument('--probe-train', type=int, default=1600, help='real training images the probe is fitted on')
     p.add_argument('--size', type=int, default=64, help='side of real images (match the generated ones)')
-    p.add_argument('--sampler', default='ddim')
-    p.add_argument('--steps', type=int, default=20)
-    p.add_argument('--guidance', type=float, default=3.0)
+    p.add_argument('--sampler', default=None, help='default: by noise schedule (EDM heun, DDPM ddim)')
+    p.add_argument('--steps', type=int, default=None, help='default: by noise schedule (EDM 30, DDPM 20)')
+    p.add_argument('--guidance', type=float, default=None, help='default: by noise schedule (EDM 5, DDPM 3)')
     p.add_argument('--sweep', type=float, nargs='*', default=[1.0, 3.0, 6.0])
     p.add_argument('--sweep-images', type=int, default=128)
     p.add_argument('--batch-size', type=int, default=32)

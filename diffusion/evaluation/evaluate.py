@@ -49,8 +49,8 @@ class EvalConfig:
     guidance_scales: list = field(default_factory=lambda: [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0])
     # disentangled conditioning: also sweep a separate control guidance scale (grid with guidance_scales)
     control_guidance_scales: Optional[list] = None
-    num_inference_steps: int = 50
-    sampler: str = 'ddim'
+    num_inference_steps: Optional[int] = None  # None: the model's default (EDM 30, DDPM 50)
+    sampler: Optional[str] = None  # None: the model's default (EDM heun, DDPM ddim)
     seed: int = 0
     height: Optional[int] = None
     width: Optional[int] = None
@@ -125,11 +125,13 @@ def load_folder(path: str | Path, limit: Optional[int] = None) -> tuple[list[Ima
 # ---------------------------------------------------------------------------------------------
 def _generate_sweep(cfg: EvalConfig, prompts: Sequence[str]) -> tuple[dict[float, Path], dict[str, Any], int]:
     from diffusion.export.checkpoint import load_model
-    from diffusion.evaluation.generate import default_size, generate_to_folder
+    from diffusion.evaluation.generate import default_size, generate_to_folder, resolve_sampling
     device = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     model, info = load_model(cfg.checkpoint, cfg.config, cfg.weights, device=device,
                              allow_unsafe=cfg.allow_unsafe_pickle, overrides=tuple(cfg.model_overrides))
     size = default_size(model)
+    chosen = resolve_sampling(model, cfg.sampler, cfg.num_inference_steps, 0.0)  # the sweep sets the guidance
+    cfg.sampler, cfg.num_inference_steps = chosen['sampler'], chosen['num_inference_steps']  # recorded in results
     folders = {}
     controls = cfg.control_guidance_scales or [None]
     for g, c in [(float(g), None if c is None else float(c)) for g in cfg.guidance_scales for c in controls]:

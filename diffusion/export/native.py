@@ -26,6 +26,8 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from diffusion.evaluation.generate import DDPM_SAMPLING, EDM_SAMPLING, sampling_defaults
+
 log = logging.getLogger(__name__)
 
 __all__ = ['FORMAT', 'export_native', 'load_native', 'export_checkpoint_native']
@@ -33,8 +35,8 @@ __all__ = ['FORMAT', 'export_native', 'load_native', 'export_checkpoint_native']
 FORMAT = 'diffusion-native'
 WEIGHTS_NAME, CONFIG_NAME = 'model.safetensors', 'config.json'
 # MicroDiT's sampling defaults (EDM Heun, 30 steps, guidance 5; the public code's generate()); UNets use DDIM.
-EDM_GENERATION = {'sampler': 'heun', 'num_inference_steps': 30, 'guidance_scale': 5.0}
-DDPM_GENERATION = {'sampler': 'ddim', 'num_inference_steps': 50, 'guidance_scale': 7.5}
+# One table for the project: diffusion.evaluation.generate.sampling_defaults.
+EDM_GENERATION, DDPM_GENERATION = dict(EDM_SAMPLING), dict(DDPM_SAMPLING)
 
 
 def export_native(model: Any, model_config: dict[str, Any], out_dir: Union[str, Path],
@@ -57,8 +59,7 @@ def export_native(model: Any, model_config: dict[str, Any], out_dir: Union[str, 
     out.mkdir(parents=True, exist_ok=True)
     block = OmegaConf.to_container(OmegaConf.create(dict(model_config)), resolve=True)
     if generation is None:
-        generation = EDM_GENERATION if getattr(model.noise_schedule, 'prediction_type', '') == 'edm' \
-            else DDPM_GENERATION
+        generation = sampling_defaults(model)
     save_model(model, str(out / WEIGHTS_NAME))  # handles tied/shared tensors; metrics hold no persistent state
     config = {'format': FORMAT, 'version': 1, 'model': block, 'generation': dict(generation),
               'scaling_factor': model.scaling_factor, 'backbone': type(model.backbone).__name__,

@@ -312,8 +312,9 @@ class LatentDiffusion(ComposerModel):
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], negative_prompts: Optional[Sequence[str]] = None,
-                 height: Optional[int] = None, width: Optional[int] = None, num_inference_steps: int = 50,
-                 guidance_scale: float = 7.5, guidance_rescale: float = 0.0, sampler: str = 'ddim',
+                 height: Optional[int] = None, width: Optional[int] = None,
+                 num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
+                 guidance_rescale: float = 0.0, sampler: Optional[str] = None,
                  seed: Union[int, Sequence[int], None] = None, generator: Generators = None,
                  latents: Optional[torch.Tensor] = None, output_type: str = 'pt',
                  progress_bar: bool = False, control_guidance_scale: Optional[float] = None,
@@ -325,10 +326,13 @@ class LatentDiffusion(ComposerModel):
             negative_prompts: Replace the empty caption as the unconditional branch.
             height: Image height in pixels (default: the backbone's sample size times the VAE factor).
             width: Image width in pixels.
-            num_inference_steps: Sampler steps.
-            guidance_scale: CFG scale; 1 disables the unconditional branch.
+            num_inference_steps: Sampler steps (None: the schedule's default, see ``sampler``).
+            guidance_scale: CFG scale; 1 disables the unconditional branch (None: the schedule's default).
             guidance_rescale: Guidance rescale (Lin et al. 2023), 0 disables.
             sampler: A sampler name the noise schedule knows (``ddim``, ``euler``, ``heun``, ``dpmpp_2m``...).
+                None takes the defaults of the noise schedule
+                (:func:`diffusion.evaluation.generate.sampling_defaults`): EDM Heun, 30 steps, guidance 5 for EDM
+                models (MicroDiT), DDIM, 50 steps, guidance 7.5 for DDPM ones; each given value is kept.
             seed: Per-image seeds (one per prompt: image ``i`` is the same whatever its batch), or one int
                 seeding a single generator for the whole batch; default 0. See ``diffusion/samplers.py`` for
                 the convention an exported diffusers pipeline reproduces.
@@ -347,6 +351,10 @@ class LatentDiffusion(ComposerModel):
         """
         if self.autoencoder is None and output_type != 'latent':
             raise RuntimeError('generate() needs the autoencoder to decode images')
+        from diffusion.evaluation.generate import resolve_sampling
+        chosen = resolve_sampling(self, sampler, num_inference_steps, guidance_scale)
+        sampler, num_inference_steps, guidance_scale = (chosen['sampler'], chosen['num_inference_steps'],
+                                                        chosen['guidance_scale'])
         device = next(self.backbone.parameters()).device
         n = len(prompts)
         factor = self.autoencoder.downsample_factor if self.autoencoder is not None else 8
