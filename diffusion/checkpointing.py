@@ -19,6 +19,12 @@ Three things make the restarted run continue exactly:
 
 With composer's deterministic mode (``deterministic_mode: true``) the weights of a killed and resumed run equal
 those of an uninterrupted run bit for bit (``tests/test_resume.py``).
+
+One more fix concerns several nodes sharing a checkpoint folder (a cluster's shared filesystem): composer's
+autoresume makes local rank 0 of every node write, wait on and then delete a "signal file" in the checkpoint
+folder, under a name broadcast from rank 0, so the same name on every node. On a shared folder the second node's
+delete fails (``FileNotFoundError: ._signal_file_node0_...``) and the job dies before training.
+:func:`install_node_signal_files` appends each node's own rank to that name (``tests/test_multinode.py``).
 """
 from __future__ import annotations
 
@@ -35,10 +41,12 @@ import torch
 from composer.core import Callback, Event, State
 from composer.loggers import Logger
 from composer.utils import checkpoint as composer_checkpoint
+from composer.utils import dist as composer_dist
 
 log = logging.getLogger(__name__)
 
-__all__ = ['PerBatchSeed', 'checkpoint_is_complete', 'install_atomic_checkpoint_writes', 'repair_latest_checkpoint']
+__all__ = ['PerBatchSeed', 'checkpoint_is_complete', 'install_atomic_checkpoint_writes', 'install_node_signal_files',
+           'repair_latest_checkpoint']
 
 
 # =============================================================================================
@@ -64,6 +72,26 @@ def _atomic_write_checkpoint_file(state_dict: dict[str, Any], filename: str) -> 
 def install_atomic_checkpoint_writes() -> None:
     """Make composer's local checkpoint files atomic (idempotent; composer calls the writer by module name)."""
     composer_checkpoint._write_checkpoint_file = _atomic_write_checkpoint_file
+
+
+# =============================================================================================
+# Autoresume with a checkpoint folder shared by several nodes
+# =============================================================================================
+_original_signal_file_name = composer_dist.get_node_signal_file_name
+
+
+def _node_signal_file_name(rng: Any = None) -> str:
+    """Composer's signal file name (rank 0's, the same on every rank) plus this node's own rank.
+
+    The ranks of one node still agree on the name (they wait on it together); two nodes no longer write and
+    delete the same file when the folder is shared.
+    """
+    return f'{_original_signal_file_name(rng)}-of-node{composer_dist.get_node_rank()}'
+
+
+def install_node_signal_files() -> None:
+    """Give each node its own autoresume signal file (idempotent; composer calls ``dist.<name>`` by module)."""
+    composer_dist.get_node_signal_file_name = _node_signal_file_name
 
 
 # =============================================================================================

@@ -143,10 +143,12 @@ def build_components(cfg: TrainConfig, device_batch_size: int = 1) -> dict[str, 
 
 
 def _kill_safe(cfg: TrainConfig, parts: dict[str, Any], rank: int) -> None:
-    """Atomic checkpoint files, a checked ``latest`` before autoresume, per-batch seeds (diffusion/checkpointing.py)."""
+    """Atomic checkpoint files, a checked ``latest`` before autoresume, per-batch seeds, per-node autoresume signal
+    files (diffusion/checkpointing.py)."""
     from diffusion.checkpointing import (AdoptEarlierCheckpoints, PerBatchSeed, install_atomic_checkpoint_writes,
-                                         repair_latest_checkpoint)
+                                         install_node_signal_files, repair_latest_checkpoint)
     install_atomic_checkpoint_writes()
+    install_node_signal_files()  # several nodes autoresuming from one shared checkpoint folder
     parts['callbacks'] = parts['callbacks'] + [PerBatchSeed()]
     if cfg.autoresume and cfg.save_folder and '://' not in cfg.save_folder:
         folder = cfg.save_folder.format(run_name=cfg.run_name)
@@ -193,6 +195,7 @@ def build_trainer(cfg: TrainConfig) -> Any:
         load_path=cfg.load_path,
         load_weights_only=cfg.load_weights_only,
         load_strict_model_weights=cfg.load_strict_model_weights,
+        load_ignore_keys=list(cfg.load_ignore_keys) or None,
         autoresume=cfg.autoresume,
         deterministic_mode=cfg.deterministic_mode,
         console_log_interval=cfg.console_log_interval,
