@@ -70,6 +70,9 @@ class TrainConfig:
     load_path: Optional[str] = None
     load_weights_only: bool = False
     load_strict_model_weights: bool = True
+    # globs of checkpoint paths not to load (composer's load_ignore_keys), e.g. 'state/schedulers/*/base_lrs' to
+    # resume a run's weights, optimizer moments and clock under a new learning rate
+    load_ignore_keys: list = field(default_factory=list)
     autoresume: bool = False
     # Logging.
     console_log_interval: str = '10ba'

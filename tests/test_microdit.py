@@ -350,3 +350,44 @@ def test_sampling_defaults_follow_the_noise_schedule(monkeypatch, tmp_path):
     recorded = __import__('json').loads((tmp_path / 'out' / 'run.json').read_text())
     assert {k: recorded[k] for k in seen} == {'sampler': 'heun', 'num_inference_steps': 30, 'guidance_scale': 5.0}
     assert seen == {'sampler': 'heun', 'num_inference_steps': 30, 'guidance_scale': 5.0}
+
+
+# --------------------------------------------------------------------------------------------- stage chaining
+
+
+def test_stages_chain_as_the_public_code(demo_photos, tmp_path):
+    """Stage 2 (and 4) resume the previous stage's full state (AdamW moments, clock) under the new LR; stage 3
+    loads weights only. Run at mini size with the load keys of the real stage-2 YAML."""
+    from diffusion.config import load_config
+    from diffusion.train import build_trainer
+    stage2, stage3, stage4 = (load_config(REPO / f'yamls/microdit/{n}.yaml')
+                              for n in ('256-unmasked', '512-masked', '512-unmasked'))
+    assert not stage2.load_weights_only and not stage4.load_weights_only and stage3.load_weights_only
+    assert (stage2.max_duration, stage3.max_duration, stage4.max_duration) == ('280000ba', '50000ba', '55000ba')
+    assert 'microdit-xl-256-masked' in stage2.load_path and 'microdit-xl-512-masked' in stage4.load_path
+
+    def trainer(lr, batches, **load):
+        over = {'variables.data': str(demo_photos), 'save_folder': str(tmp_path / f'ckpt-{lr}'),
+                'callbacks.sample_images.folder': str(tmp_path / 'samples'), 'max_duration': f'{batches}ba',
+                'eval_interval': '100ba', 'save_interval': f'{batches}ba', 'eval_first': 'false',
+                'global_train_batch_size': '2', 'device_eval_batch_size': '2', 'optimizer.lr': str(lr),
+                'algorithms.mask_schedule.schedule': '[[0ba, 0.75]]', 'scheduler.t_warmup': '0ba', **load}
+        cfg = load_config(REPO / 'yamls/microdit/mini-cpu.yaml', [f'{k}={v}' for k, v in over.items()])
+        cfg.callbacks.pop('sample_images')
+        return build_trainer(cfg)
+
+    first = trainer(1e-3, 2)
+    first.fit()
+    moments = {id_: s['exp_avg'].clone() for id_, s in enumerate(first.state.optimizers[0].state.values())}
+    ckpt = str(tmp_path / 'ckpt-0.001' / 'latest-rank0.pt')
+    keys = '[' + ','.join(f'"{k}"' for k in stage2.load_ignore_keys) + ']'
+    second = trainer(2e-4, 3, load_path=ckpt, load_weights_only='false', load_ignore_keys=keys)
+    assert int(second.state.timestamp.batch) == 2  # the clock continues
+    loaded = list(second.state.optimizers[0].state.values())
+    assert loaded and all(torch.equal(s['exp_avg'], moments[i]) for i, s in enumerate(loaded))  # moments kept
+    assert second.state.schedulers[0].base_lrs == [2e-4, 1e-4]  # the new LR (experts at half), not stage 1's
+    second.fit()
+    assert int(second.state.timestamp.batch) == 3
+    assert [g['lr'] for g in second.state.optimizers[0].param_groups] == [2e-4, 1e-4]
+    third = trainer(2e-4, 1, load_path=ckpt, load_weights_only='true')  # stage 3: weights only, fresh clock
+    assert int(third.state.timestamp.batch) == 0 and not third.state.optimizers[0].state
