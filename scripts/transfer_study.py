@@ -2,14 +2,22 @@
 
 Stage 1 trains the mini UNet at ``--low`` px. Then, for the same number of steps at ``--high`` px, one model
 continues from the stage-1 checkpoint (``load_path`` + ``load_weights_only``; with ``model.resolution`` set, the
-load shifts the noise schedule by high / low by itself: DDPM SNR / shift^2, EDM P_mean + ln shift) and one starts
-from scratch. Validation loss and FID/KID (against the eval split at ``--high`` px) of both are reported; with
-``--no-shift`` the transferred model keeps the unshifted schedule (``model.base_resolution = high``), an ablation.
+load shifts the noise schedule by high / low by itself: DDPM SNR / shift^2, EDM P_mean + ln shift), one continues
+without the shift (``model.base_resolution = high``, an ablation: its validation loss is under the same schedule
+as the scratch run's, so those two losses compare like for like) and one starts from scratch. Validation loss (on
+a fixed held-out subset, under each run's own schedule) and FID/KID against the held-out split at ``--high`` px
+are reported for each.
 
-    python scripts/transfer_study.py --data data/demo/catalog --low 32 --high 64 --steps-low 300 --steps-high 300
+With the demo's autoencoder (4x downsampling: 32 px -> 8x8 latents, 64 px -> 16x16) and precomputed latents at
+both sizes (``convert/precompute_latents.py --resolutions 32 64``; training on them skips the encoder):
+
+    python convert/precompute_latents.py --src data/demo/catalog --out data/studies/catalog-latents \\
+        --vae outputs/demo/autoencoder/vae --resolutions 32 64
+    OMP_NUM_THREADS=1 python scripts/transfer_study.py --data data/studies/catalog-latents --use-latents \\
+        --autoencoder outputs/demo/autoencoder/vae --low 32 --high 64 --steps-low 800 --steps-high 400
 
 Berrada et al. 2024 (arXiv:2411.03177) fine-tune 512 px models from 256 px ones; this checks the idea on our own
-small runs. With the tiny autoencoder (4x downsampling) ``--low 128 --high 256`` is 32 -> 64 px latents.
+small runs. The last line printed is the result as JSON.
 """
 from __future__ import annotations
 
@@ -21,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import torch
+
 from leakage_study import REPO, fid_kid, reference_set, sample, train, train_config
 
 log = logging.getLogger('transfer_study')
@@ -31,50 +41,63 @@ def stage(args: argparse.Namespace, name: str, resolution: int, steps: int, extr
     start = time.time()
     overrides = {'model.resolution': str(resolution), 'model.backbone.conditioning': args.conditioning, **extra}
     cfg = train_config(args.data, resolution, steps, Path(args.out) / name, args.autoencoder, overrides,
-                       args.eval_batches)
+                       args.eval_batches, args.batch_size, args.use_latents)
     model, val = train(cfg)
-    row = {'val_loss': round(val, 4), 'schedule_shift': model.noise_schedule.resolution_shift,
-           'seconds': round(time.time() - start, 1)}
+    row = {'steps': steps, 'val_loss': round(val, 4),
+           'schedule_shift': float(model.noise_schedule.resolution_shift), 'seconds': round(time.time() - start, 1)}
     log.info('%s: %s', name, row)
     return model, row
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from diffusion.evaluation.metrics import ImageMetrics
+    torch.set_num_threads(max(1, args.threads))
     out = Path(args.out)
-    ref_images, captions = reference_set(args.data, args.num_eval, args.high)
-    metrics = ImageMetrics(kid_subset_size=len(ref_images), kid_subsets=20, inception=args.inception)
+    ref_images, captions = reference_set(args.reference or args.data, args.num_eval, args.high)
+    metrics = ImageMetrics(kid_subset_size=min(len(ref_images), 1000), kid_subsets=50, inception=args.inception)
     metrics.add_reference(ref_images)
     _, low_row = stage(args, 'low', args.low, args.steps_low, {})
     transfer = {'load_path': str(out / 'low' / 'checkpoints' / 'latest-rank0.pt'), 'load_weights_only': 'true'}
-    if args.no_shift:
-        transfer['model.base_resolution'] = str(args.high)
+    arms = {'transfer': transfer, 'transfer, no shift': {**transfer, 'model.base_resolution': str(args.high)},
+            'scratch': {}}
     rows = {f'stage 1 at {args.low} px': low_row}
-    for name, extra in (('transfer', transfer), ('scratch', {})):
-        model, row = stage(args, name, args.high, args.steps_high, extra)
+    for name in args.arms:
+        start = time.time()
+        model, row = stage(args, name.replace(', ', '-').replace(' ', '-'), args.high, args.steps_high, arms[name])
         gen = sample(model, captions, range(len(captions)), args.high, args.sample_steps, args.guidance)
         row.update(fid_kid(metrics, gen))
+        row['seconds'] = round(time.time() - start, 1)
         rows[f'{name} at {args.high} px'] = row
-    return {'low': args.low, 'high': args.high, 'steps_low': args.steps_low, 'steps_high': args.steps_high,
-            'num_eval': len(ref_images), 'rows': rows}
+        log.info('%s: %s', name, row)
+        (out / 'partial.json').write_text(json.dumps(rows, indent=1))
+    return {'data': args.data, 'low': args.low, 'high': args.high, 'steps_low': args.steps_low,
+            'steps_high': args.steps_high, 'batch_size': args.batch_size, 'autoencoder': args.autoencoder,
+            'num_eval': len(ref_images), 'sample_steps': args.sample_steps, 'guidance': args.guidance, 'rows': rows}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--data', default=str(REPO / 'data/demo/catalog'), help='MDS dataset (train/ + eval/)')
-    parser.add_argument('--out', default=str(REPO / 'outputs/transfer'))
+    parser.add_argument('--data', default=str(REPO / 'data/studies/catalog-latents'),
+                        help='MDS dataset (train/ + eval/); with --use-latents it needs latents_<low> and '
+                             'latents_<high> columns')
+    parser.add_argument('--reference', default=None, help='MDS dataset of FID/KID reference images (default: --data)')
+    parser.add_argument('--use-latents', action='store_true', help='train on precomputed latents (centre crops)')
+    parser.add_argument('--out', default=str(REPO / 'outputs/studies/transfer'))
     parser.add_argument('--low', type=int, default=32, help='stage-1 image side (px)')
     parser.add_argument('--high', type=int, default=64, help='stage-2 image side (px)')
-    parser.add_argument('--steps-low', type=int, default=300)
-    parser.add_argument('--steps-high', type=int, default=300)
+    parser.add_argument('--steps-low', type=int, default=800)
+    parser.add_argument('--steps-high', type=int, default=400)
+    parser.add_argument('--batch-size', type=int, default=16)
+    parser.add_argument('--arms', nargs='+', default=['transfer', 'scratch', 'transfer, no shift'],
+                        choices=['transfer', 'transfer, no shift', 'scratch'])
     parser.add_argument('--conditioning', default='none', help='UNet conditioning form of all runs')
-    parser.add_argument('--no-shift', action='store_true', help='transfer without the noise-schedule shift')
-    parser.add_argument('--num-eval', type=int, default=64)
-    parser.add_argument('--eval-batches', type=int, default=8, help='validation-loss batches (fixed subset)')
+    parser.add_argument('--num-eval', type=int, default=None, help='eval images for FID/KID (default: all)')
+    parser.add_argument('--eval-batches', type=int, default=8, help='validation-loss batches of 32 (fixed subset)')
     parser.add_argument('--sample-steps', type=int, default=20)
     parser.add_argument('--guidance', type=float, default=3.0)
     parser.add_argument('--autoencoder', default=None, help='diffusers AutoencoderKL folder (default: tiny random)')
     parser.add_argument('--inception', default=None)
+    parser.add_argument('--threads', type=int, default=1, help='torch intra-op threads')
     return parser.parse_args(argv)
 
 
@@ -82,11 +105,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
     args = parse_args(argv)
     result = run(args)
-    print('\n| run | val loss | schedule shift | FID | KID | s |')
-    print('| --- | --- | --- | --- | --- | --- |')
+    print(f'\nbatch {result["batch_size"]}; FID/KID on {result["num_eval"]} held-out images at {result["high"]} px; '
+          'validation loss under each run\'s own schedule')
+    print('| run | steps | val loss | schedule shift | FID | KID | s |')
+    print('| --- | --- | --- | --- | --- | --- | --- |')
     for name, r in result['rows'].items():
-        print(f'| {name} | {r["val_loss"]} | {r["schedule_shift"]:g} | {r.get("fid", "-")} | {r.get("kid", "-")} '
-              f'| {r["seconds"]} |')
+        print(f'| {name} | {r["steps"]} | {r["val_loss"]} | {r["schedule_shift"]:g} | {r.get("fid", "-")} '
+              f'| {r.get("kid", "-")} | {r["seconds"]} |')
     print(json.dumps(result))
     return 0
 

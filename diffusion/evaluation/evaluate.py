@@ -183,7 +183,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         images, prompts_used = load_folder(folder)
         scores = metrics.score(images, prompts_used if all(prompts_used) else None)
         rows.append({'guidance_scale': g, 'control_guidance_scale': c, **scores, 'images': str(folder)})
-        log.info('guidance %s: FID %.2f, KID %.4f, CLIP %s', g, scores['fid'], scores['kid_mean'],
+        log.info('guidance %s (control %s): FID %.2f, KID %.4f, CLIP %s', g, c, scores['fid'], scores['kid_mean'],
                  scores['clip_score'])
     results = {
         'schema_version': SCHEMA_VERSION,
@@ -214,12 +214,20 @@ def plot_curve(rows: Sequence[dict[str, Any]], path: Path, x: str = 'auto') -> P
     if x == 'clip_score' and not have_clip:
         raise ValueError('plot_x=clip_score but CLIP score is unavailable: ' + str(rows[0]['clip_score_reason']))
     key = 'clip_score' if x == 'clip_score' or (x == 'auto' and have_clip) else 'guidance_scale'
-    pts = [(r[key] if r[key] is not None else 0.0, r['fid'], r['guidance_scale']) for r in rows]
+    # One line per control guidance scale (a single line without a control grid), in sweep order.
+    lines: dict[Optional[float], list] = {}
+    for r in rows:
+        lines.setdefault(r.get('control_guidance_scale'),
+                         []).append((r[key] if r[key] is not None else 0.0, r['fid'], r['guidance_scale']))
     fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], 'o-')
-    for px, py, g in pts:
-        if g is not None:
-            ax.annotate(f'{g:g}', (px, py), textcoords='offset points', xytext=(4, 4), fontsize=8)
+    for c, pts in lines.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], 'o-',
+                label=None if c is None else f'control guidance {c:g}')
+        for px, py, g in pts:
+            if g is not None:
+                ax.annotate(f'{g:g}', (px, py), textcoords='offset points', xytext=(4, 4), fontsize=8)
+    if any(c is not None for c in lines):
+        ax.legend(fontsize=8)
     ax.set_xlabel('CLIP score' if key == 'clip_score' else 'guidance scale')
     ax.set_ylabel('FID')
     ax.set_title(f'FID vs {"CLIP score" if key == "clip_score" else "guidance"} (n={rows[0]["num_generated"]})')
