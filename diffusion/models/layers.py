@@ -212,13 +212,17 @@ class ExpertChoiceMoE(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         n, t, d = x.shape
+        e = self.num_experts
         g, idx = self.route(x)  # (N, E, k)
-        batch = torch.arange(n, device=x.device)[:, None, None]
-        h = x[batch, idx]  # (N, E, k, D)
-        h = F.gelu(torch.einsum('nekd,edf->nekf', h, self.w1))  # (N, E, k, F)
-        h = torch.einsum('nekf,efd->nekd', h, self.w2) * g.unsqueeze(-1)  # (N, E, k, D)
-        flat = idx.reshape(n, -1, 1).expand(-1, -1, d)  # (N, E*k, D)
-        return x.new_zeros(n, t, d).scatter_add(1, flat, h.reshape(n, -1, d))  # (N, T, D)
+        # Rows of x.view(N*T, D) each expert takes, expert-major: one contiguous (E, N*k, D) gather feeds the
+        # batched matmuls directly (no permute copies forward or backward), and index_select's backward is an
+        # index_add (not the slower accumulate-index_put of advanced indexing).
+        rows = (idx + t * torch.arange(n, device=x.device)[:, None, None]).transpose(0, 1).reshape(-1)  # (E*N*k,)
+        flat = x.reshape(n * t, d)
+        h = flat.index_select(0, rows).view(e, -1, d)  # (E, N*k, D)
+        h = F.gelu(torch.bmm(h, self.w1))  # (E, N*k, F)
+        h = torch.bmm(h, self.w2) * g.transpose(0, 1).reshape(e, -1, 1)  # (E, N*k, D), gated
+        return flat.new_zeros(n * t, d).index_add(0, rows, h.view(-1, d)).view(n, t, d)  # (N, T, D)
 
     def init_weights(self, out_std: float) -> None:
         nn.init.trunc_normal_(self.gate.weight, std=0.02)
