@@ -77,14 +77,55 @@ def train_config(data: str, resolution: int, steps: int, out: Path, autoencoder:
 
 
 def train(cfg: Any) -> tuple[Any, float]:
-    """Fit with a composer Trainer; returns the model (eval mode) and its final validation loss."""
+    """Fit with a composer Trainer; returns the model (eval mode) and its final validation loss.
+
+    A run whose last checkpoint (``save_folder/latest-rank0.pt``) is already at ``max_duration`` is not trained
+    again: its full state is loaded and only the validation loss is computed.
+    """
     from diffusion.train import build_trainer
-    trainer = build_trainer(cfg)
-    trainer.fit()
+    ckpt = Path(cfg.save_folder) / 'latest-rank0.pt'
+    resumed = ckpt.exists() and not cfg.load_path
+    if resumed:
+        log.info('%s exists: loading it instead of training', ckpt)
+        cfg.load_path, cfg.load_weights_only = str(ckpt), False
+    trainer = build_trainer(cfg)  # loads load_path
+    if resumed:
+        trainer.eval()  # nothing left to fit (composer refuses a fit at max_duration)
+    else:
+        trainer.fit()
     val = float(trainer.state.eval_metrics['eval']['ValidationLoss'].compute())
     model = trainer.state.model.eval()
     trainer.close()
     return model, val
+
+
+class Reference:
+    """FID/KID reference of ``n`` held-out images at ``size`` px, Inception features computed on first use and
+    cached in ``cache`` (so a rerun does not pay for them again)."""
+
+    def __init__(self, data: str, n: Optional[int], size: int, cache: Path, inception: Optional[str] = None):
+        from diffusion.evaluation.metrics import ImageMetrics
+        self.data, self.size, self.cache = data, size, cache
+        images, self.captions = reference_set(data, n, size)
+        self.images = images
+        self.metrics = ImageMetrics(kid_subset_size=min(len(images), 1000), kid_subsets=50, inception=inception)
+        self._ready = False
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def score(self, generated: Sequence[Any]) -> dict[str, float]:
+        if not self._ready:
+            key = {'data': str(Path(self.data).resolve()), 'n': len(self.images), 'size': self.size}
+            if self.cache.exists() and torch.load(self.cache)['key'] == key:
+                self.metrics.kid.metric_state['real_features'].append(torch.load(self.cache)['features'])
+            else:
+                self.metrics.add_reference(self.images)
+                feats = torch.cat(self.metrics.kid.metric_state['real_features'])
+                self.cache.parent.mkdir(parents=True, exist_ok=True)
+                torch.save({'key': key, 'features': feats}, self.cache)
+            self._ready = True
+        return fid_kid(self.metrics, generated)
 
 
 def reference_set(data: str, n: int, size: int) -> tuple[list, list[str]]:
@@ -161,30 +202,41 @@ def leakage(model: Any, features: Any, prompts: Sequence[str], resolution: int, 
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from diffusion.evaluation.metrics import ImageMetrics
     torch.set_num_threads(max(1, args.threads))
     out = Path(args.out)
-    ref_images, captions = reference_set(args.reference or args.data, args.num_eval, args.resolution)
-    metrics = ImageMetrics(kid_subset_size=min(len(ref_images), 1000), kid_subsets=50, inception=args.inception)
-    metrics.add_reference(ref_images)
-    prompts = spread(captions, args.num_prompts)
-    rows = {}
+    ref = Reference(args.reference or args.data, args.num_eval, args.resolution, out / 'reference_features.pt',
+                    args.inception)
+    prompts = spread(ref.captions, args.num_prompts)
+    rows, models = {}, {}
+
+    def save() -> None:
+        (out / 'partial.json').write_text(json.dumps(rows, indent=1))
+
+    # Train every form first (cheap to compare by validation loss), then the leakage samples, then FID/KID.
     for form in args.forms:
         start = time.time()
         cfg = train_config(args.data, args.resolution, args.steps, out / form, args.autoencoder, FORMS[form],
                            args.eval_batches, args.batch_size)
-        model, val = train(cfg)
-        row = {'val_loss': round(val, 4), 'train_seconds': round(time.time() - start, 1)}
-        row.update(leakage(model, metrics.features, prompts, args.resolution, args.sample_steps, args.guidance))
-        gen = sample(model, captions, range(len(captions)), args.resolution, args.sample_steps, args.guidance)
-        row.update(fid_kid(metrics, gen))
-        row['seconds'] = round(time.time() - start, 1)
-        rows[form] = row
-        log.info('%s: %s', form, row)
-        (out / 'partial.json').write_text(json.dumps(rows, indent=1))
+        models[form], val = train(cfg)
+        rows[form] = {'val_loss': round(val, 4), 'train_seconds': round(time.time() - start, 1)}
+        save()
+    for form in args.forms:
+        rows[form].update(leakage(models[form], ref.metrics.features, prompts, args.resolution, args.sample_steps,
+                                  args.guidance))
+        log.info('%s: %s', form, rows[form])
+        save()
+    if args.num_eval != 0:
+        for form in args.forms:
+            start = time.time()
+            gen = sample(models[form], ref.captions, range(len(ref)), args.resolution, args.sample_steps,
+                         args.guidance)
+            rows[form].update(ref.score(gen))
+            rows[form]['fid_seconds'] = round(time.time() - start, 1)
+            log.info('%s: %s', form, rows[form])
+            save()
     return {'data': args.data, 'steps': args.steps, 'batch_size': args.batch_size, 'resolution': args.resolution,
-            'autoencoder': args.autoencoder, 'num_eval': len(ref_images), 'num_prompts': len(prompts),
-            'sample_steps': args.sample_steps, 'guidance': args.guidance, 'rows': rows}
+            'autoencoder': args.autoencoder, 'num_eval': len(ref) if args.num_eval != 0 else 0,
+            'num_prompts': len(prompts), 'sample_steps': args.sample_steps, 'guidance': args.guidance, 'rows': rows}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -197,7 +249,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--resolution', type=int, default=64)
     parser.add_argument('--steps', type=int, default=600, help='training batches per model')
     parser.add_argument('--batch-size', type=int, default=16)
-    parser.add_argument('--num-eval', type=int, default=None, help='eval images for FID/KID (default: all)')
+    parser.add_argument('--num-eval', type=int, default=None,
+                        help='held-out images for FID/KID (default: all; 0: no FID/KID)')
     parser.add_argument('--eval-batches', type=int, default=8, help='validation-loss batches of 32 (fixed subset)')
     parser.add_argument('--num-prompts', type=int, default=16, help='prompts of the leakage measurement')
     parser.add_argument('--sample-steps', type=int, default=20)
@@ -216,12 +269,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f'\n{result["steps"]} steps x batch {result["batch_size"]} at {result["resolution"]} px; FID/KID on '
           f'{result["num_eval"]} held-out images; leakage: {result["num_prompts"]} prompts x 2 seeds, relative to a '
           'new seed')
-    print('| conditioning | val loss | leakage, mean (no flip) | ' + ' | '.join(variants) + ' | FID | KID | s |')
+    print('| conditioning | val loss | leakage, mean (no flip) | ' + ' | '.join(variants) + ' | FID | KID | train s |')
     print('| --- ' * (len(variants) + 6) + '|')
     for form, r in result['rows'].items():
         cells = ' | '.join(f'{r["by_variant"][v]:.3f}' for v in variants)
-        print(f'| {form} | {r["val_loss"]} | {r["leakage_rel"]:.3f} | {cells} | {r["fid"]} | {r["kid"]} '
-              f'| {r["seconds"]} |')
+        print(f'| {form} | {r["val_loss"]} | {r["leakage_rel"]:.3f} | {cells} | {r.get("fid", "-")} '
+              f'| {r.get("kid", "-")} | {r["train_seconds"]} |')
     print(json.dumps(result))
     return 0
 

@@ -31,7 +31,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from leakage_study import REPO, fid_kid, reference_set, sample, train, train_config
+from leakage_study import REPO, Reference, sample, train, train_config
 
 log = logging.getLogger('transfer_study')
 
@@ -50,29 +50,37 @@ def stage(args: argparse.Namespace, name: str, resolution: int, steps: int, extr
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from diffusion.evaluation.metrics import ImageMetrics
     torch.set_num_threads(max(1, args.threads))
     out = Path(args.out)
-    ref_images, captions = reference_set(args.reference or args.data, args.num_eval, args.high)
-    metrics = ImageMetrics(kid_subset_size=min(len(ref_images), 1000), kid_subsets=50, inception=args.inception)
-    metrics.add_reference(ref_images)
+    ref = Reference(args.reference or args.data, args.num_eval, args.high, out / 'reference_features.pt',
+                    args.inception)
     _, low_row = stage(args, 'low', args.low, args.steps_low, {})
     transfer = {'load_path': str(out / 'low' / 'checkpoints' / 'latest-rank0.pt'), 'load_weights_only': 'true'}
     arms = {'transfer': transfer, 'transfer, no shift': {**transfer, 'model.base_resolution': str(args.high)},
             'scratch': {}}
-    rows = {f'stage 1 at {args.low} px': low_row}
-    for name in args.arms:
-        start = time.time()
-        model, row = stage(args, name.replace(', ', '-').replace(' ', '-'), args.high, args.steps_high, arms[name])
-        gen = sample(model, captions, range(len(captions)), args.high, args.sample_steps, args.guidance)
-        row.update(fid_kid(metrics, gen))
-        row['seconds'] = round(time.time() - start, 1)
-        rows[f'{name} at {args.high} px'] = row
-        log.info('%s: %s', name, row)
+    rows, models = {f'stage 1 at {args.low} px': low_row}, {}
+
+    def save() -> None:
         (out / 'partial.json').write_text(json.dumps(rows, indent=1))
+
+    # Train every arm first (validation loss), then FID/KID of each.
+    for name in args.arms:
+        folder = name.replace(', ', '-').replace(' ', '-')
+        extra = dict(arms[name])
+        if (out / folder / 'checkpoints' / 'latest-rank0.pt').exists():
+            extra.pop('load_path', None)  # finished before: reload it, not stage 1
+        models[name], rows[f'{name} at {args.high} px'] = stage(args, folder, args.high, args.steps_high, extra)
+        save()
+    if args.num_eval != 0:
+        for name in args.arms:
+            gen = sample(models[name], ref.captions, range(len(ref)), args.high, args.sample_steps, args.guidance)
+            rows[f'{name} at {args.high} px'].update(ref.score(gen))
+            log.info('%s: %s', name, rows[f'{name} at {args.high} px'])
+            save()
     return {'data': args.data, 'low': args.low, 'high': args.high, 'steps_low': args.steps_low,
             'steps_high': args.steps_high, 'batch_size': args.batch_size, 'autoencoder': args.autoencoder,
-            'num_eval': len(ref_images), 'sample_steps': args.sample_steps, 'guidance': args.guidance, 'rows': rows}
+            'num_eval': len(ref) if args.num_eval != 0 else 0, 'sample_steps': args.sample_steps,
+            'guidance': args.guidance, 'rows': rows}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -91,7 +99,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--arms', nargs='+', default=['transfer', 'scratch', 'transfer, no shift'],
                         choices=['transfer', 'transfer, no shift', 'scratch'])
     parser.add_argument('--conditioning', default='none', help='UNet conditioning form of all runs')
-    parser.add_argument('--num-eval', type=int, default=None, help='eval images for FID/KID (default: all)')
+    parser.add_argument('--num-eval', type=int, default=None,
+                        help='held-out images for FID/KID (default: all; 0: no FID/KID)')
     parser.add_argument('--eval-batches', type=int, default=8, help='validation-loss batches of 32 (fixed subset)')
     parser.add_argument('--sample-steps', type=int, default=20)
     parser.add_argument('--guidance', type=float, default=3.0)
