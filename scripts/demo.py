@@ -33,14 +33,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 PY = sys.executable
 
-# What each variant spends its budget on (steps are batches of 16 images).
+# What each variant spends its budget on (steps are batches of 16 images; every run keeps `checkpoints`
+# evenly spaced checkpoints, the demo scores the first and the last).
 PROFILES = {
-    'full': {'autoencoder_steps': 250, 'diffusion_steps': 500, 'save_every': 125, 'eval_images': 0,
-             'probe_train': 1200, 'sweep_images': 64, 'sample_steps': 10},
-    'quick': {'autoencoder_steps': 60, 'diffusion_steps': 80, 'save_every': 40, 'eval_images': 128,
-              'probe_train': 300, 'sweep_images': 16, 'sample_steps': 10},
+    'full': {'autoencoder_steps': 700, 'unet_steps': 1800, 'microdit_steps': 1600, 'checkpoints': 8,
+             'eval_images': 0, 'probe_train': 1200, 'sweep_images': 64, 'sample_steps': 10},
+    'quick': {'autoencoder_steps': 300, 'unet_steps': 600, 'microdit_steps': 600, 'checkpoints': 4,
+              'eval_images': 128, 'probe_train': 300, 'sweep_images': 16, 'sample_steps': 10},
 }
-MODELS = {'unet': ('yamls/demo/unet.yaml', 'ddim'), 'microdit': ('yamls/demo/microdit.yaml', 'euler')}
+MODELS = {'unet': ('yamls/demo/unet.yaml', 'ddim'), 'microdit': ('yamls/demo/microdit.yaml', 'heun')}
 
 
 def step(name: str, cmd: list[str], done: Path, force: bool, log_dir: Path) -> float:
@@ -121,11 +122,12 @@ def train_stages(args: argparse.Namespace, paths: dict[str, Path], times: dict[s
         str(ae / 'vae'), '--text-encoder', 'minilm', '--resolutions', '64'],
         paths['latents'] / 'latents.json', args.force, logs)  # written last: an interrupted run is redone
     for name in args.models:
-        yaml = MODELS[name][0]
+        yaml, steps = MODELS[name][0], getattr(args, f'{name}_steps')
+        every = max(1, steps // args.checkpoints)
         times[name] = step(name, [
             PY, 'run.py', yaml, f'variables.data={paths["latents"]}', f'variables.out={root / name}',
-            f'variables.autoencoder={ae / "vae"}', f'max_duration={args.diffusion_steps}ba',
-            f'save_interval={args.save_every}ba', f'eval_interval={args.save_every}ba'],
+            f'variables.autoencoder={ae / "vae"}', f'max_duration={steps}ba',
+            f'save_interval={every}ba', f'eval_interval={every}ba'],
             root / name / 'checkpoints' / 'summary.json', args.force, logs)
     return source
 

@@ -75,6 +75,24 @@ def test_compile_backbone_through_a_fit(demo_photos, tmp_path):
     assert not any('_orig_mod' in k for k in trainer.state.model.state_dict())  # checkpoint keys unchanged
 
 
+def test_cpu_bf16_autocast_through_a_fit(demo_photos, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger='diffusion')
+    trainer, _ = _fit(demo_photos, tmp_path, 'algorithms.cpu_bf16_autocast={}', batches=1)
+    backbone = trainer.state.model.backbone
+    assert backbone._cpu_bf16_autocast and torch.isfinite(trainer.state.loss).all()
+    assert any('cpu_bf16_autocast: acts' in r.getMessage() for r in caplog.records)
+    # The forward runs its convolutions in bf16 but hands back fp32, close to (not equal to) the fp32 forward.
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+    text = torch.randn(2, 5, backbone.unet.config.cross_attention_dim)
+    with torch.no_grad():
+        mixed = backbone(x, t, text_hidden=text)
+        plain = backbone.forward.args[0](x, t, text_hidden=text)  # the wrapped fp32 forward
+    assert mixed.dtype == plain.dtype == torch.float32
+    assert not torch.equal(mixed, plain)
+    torch.testing.assert_close(mixed, plain, rtol=0.1, atol=0.05)
+    assert not any('_cpu_bf16' in k for k in trainer.state.model.state_dict())  # checkpoint keys unchanged
+
+
 def test_activation_checkpointing_keeps_gradients():
     from diffusion.algorithms.activation_checkpointing import apply_activation_checkpointing
     from diffusion.models.unet import build_unet

@@ -158,7 +158,8 @@ def test_demo_profiles_and_overrides():
     spec.loader.exec_module(demo)
     quick = demo.parse_args(['--quick'])
     assert quick.models == ['unet'] and quick.eval_images == 128
-    full = demo.parse_args(['--diffusion-steps', '7'])
-    assert full.models == ['unet', 'microdit'] and full.diffusion_steps == 7 and full.eval_images == 0
+    full = demo.parse_args(['--unet-steps', '7'])
+    assert full.models == ['unet', 'microdit'] and full.unet_steps == 7 and full.eval_images == 0
     for args in (quick, demo.parse_args([])):
-        assert args.save_every < args.diffusion_steps  # a first checkpoint before the last one
+        for name in args.models:  # a first checkpoint well before the last one
+            assert args.checkpoints >= 2 and getattr(args, f'{name}_steps') // args.checkpoints >= 1
