@@ -13,7 +13,9 @@ Speed-ups measured (each against the plain configuration, and all kept ones toge
   (UNet only: MicroDiT always uses SDPA);
 * ``channels_last``: NHWC weights and inputs (composer's ``channels_last``; UNet only, it has convolutions);
 * ``compile``: ``torch.compile`` (inductor) of the backbone (``algorithms.compile_backbone``);
-* ``bf16_autocast``: CPU bf16 autocast of the backbone forward (measured to decide whether to offer it).
+* ``bf16_autocast``: CPU bf16 autocast of the backbone forward (``algorithms.cpu_bf16_autocast``);
+* ``fused_adamw``: torch's AdamW with ``fused=True`` (``optimizer: {name: adamw, fused: true}``) instead of its
+  default CPU path, a Python loop over the parameter tensors.
 
 Speed-ups that cannot act on a CPU (low-precision GroupNorm/LayerNorm need GPU autocast, xformers needs CUDA,
 FSDP needs NCCL) are not timed. Every configuration runs in interleaved blocks (order reversed every repeat), so
@@ -41,7 +43,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SPEEDUPS = ('sdpa', 'channels_last', 'compile', 'bf16_autocast')
+SPEEDUPS = ('sdpa', 'channels_last', 'compile', 'bf16_autocast', 'fused_adamw')
 
 
 def parse_args() -> argparse.Namespace:
@@ -81,7 +83,8 @@ def build_backbone(kind: str, on: set[str], latent: int) -> torch.nn.Module:
 
 def make_step(model: torch.nn.Module, on: set[str], batch: dict[str, torch.Tensor]) -> Callable[[], None]:
     """The training step of ``model`` on ``batch`` (a closure; the optimizer lives in it)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # torch's default AdamW on CPU loops over the parameter tensors in Python; fused=True is one kernel
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused='fused_adamw' in on)
     x0 = batch['latents']
     if 'channels_last' in on:
         x0 = x0.contiguous(memory_format=torch.channels_last)
@@ -198,10 +201,11 @@ def main() -> None:
     peak = measure_matmul_peak(1.0)
     print(f'fp32 matmul peak (1024x1024, {args.threads} threads): {peak / 1e9:.1f} GFLOP/s', flush=True)
     compile_ = [] if args.no_compile else ['compile']
-    results = {'unet': bench_backbone('unet', ['sdpa', 'channels_last', *compile_, 'bf16_autocast'], batch, args,
+    results = {'unet': bench_backbone('unet', ['sdpa', 'channels_last', *compile_, 'bf16_autocast', 'fused_adamw'],
+                                      batch, args,
                                       peak)}
     if not args.no_microdit:
-        results['microdit'] = bench_backbone('microdit', [*compile_, 'bf16_autocast'], batch, args, peak)
+        results['microdit'] = bench_backbone('microdit', [*compile_, 'bf16_autocast', 'fused_adamw'], batch, args, peak)
     peak_end = measure_matmul_peak(1.0)
     for kind, res in results.items():
         print_table(kind, res)

@@ -75,9 +75,12 @@ def test_compile_backbone_through_a_fit(demo_photos, tmp_path):
     assert not any('_orig_mod' in k for k in trainer.state.model.state_dict())  # checkpoint keys unchanged
 
 
-def test_cpu_bf16_autocast_through_a_fit(demo_photos, tmp_path, caplog):
+def test_cpu_bf16_autocast_and_fused_adamw_through_a_fit(demo_photos, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger='diffusion')
-    trainer, _ = _fit(demo_photos, tmp_path, 'algorithms.cpu_bf16_autocast={}', batches=1)
+    trainer, _ = _fit(demo_photos, tmp_path, 'algorithms.cpu_bf16_autocast={}', 'optimizer.name=adamw',
+                      'optimizer.fused=true', batches=1)
+    opt = trainer.state.optimizers[0]
+    assert type(opt) is torch.optim.AdamW and opt.defaults['fused']  # torch's fused kernel, from the YAML
     backbone = trainer.state.model.backbone
     assert backbone._cpu_bf16_autocast and torch.isfinite(trainer.state.loss).all()
     assert any('cpu_bf16_autocast: acts' in r.getMessage() for r in caplog.records)
