@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from test_ddp import _ledger  # one reader of the sample ledger
+
 from test_train import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,14 +58,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
-
-
-def _ledger(path: Path) -> tuple[list[list[str]], str]:
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    batches = [r['samples'] for r in records if 'samples' in r]
-    digests = [r['weights_sha1'] for r in records if 'weights_sha1' in r]
-    assert len(digests) == 1, records
-    return batches, digests[0]
 
 
 def _run_two_nodes(tmp_path: Path, overrides: list[str], timeout: float = 600) -> tuple[list[Path], list[str]]:
