@@ -13,7 +13,6 @@ disk bind-mounted at one node-local path (cache, temp directory, ledger), so bot
 dies at start-up deleting composer's autoresume signal file that node 0 has already deleted. The rendezvous is real:
 one gloo group of world size 2 over TCP, composer counting ``num_nodes: 2``.
 """
-import json
 import os
 import shutil
 import signal
