@@ -36,8 +36,8 @@ PY = sys.executable
 # What each variant spends its budget on (steps are batches of 16 images; every run keeps `checkpoints`
 # evenly spaced checkpoints, the demo scores the first and the last).
 PROFILES = {
-    'full': {'autoencoder_steps': 600, 'unet_steps': 1600, 'microdit_steps': 1600, 'checkpoints': 8,
-             'eval_images': 0, 'probe_train': 800, 'sweep_images': 32, 'sample_steps': 10},
+    'full': {'autoencoder_steps': 600, 'unet_steps': 1400, 'microdit_steps': 1200, 'checkpoints': 7,
+             'eval_images': 0, 'probe_train': 600, 'sweep_images': 32, 'sample_steps': 10},
     'quick': {'autoencoder_steps': 300, 'unet_steps': 600, 'microdit_steps': 600, 'checkpoints': 4,
               'eval_images': 128, 'probe_train': 300, 'sweep_images': 16, 'sample_steps': 10},
 }

@@ -93,9 +93,12 @@ def test_autoencoder_mini_yaml_trains_and_exports(demo_photos, tmp_path, monkeyp
     from PIL import Image
     assert Image.open(grids[-1]).size[1] > 2 * 32  # two rows: inputs and reconstructions
 
-    # The export loads like any diffusers VAE and carries the scale measured on the eval images.
+    # The export loads like any diffusers VAE and carries the scale measured on the eval images. Its latent
+    # channels are centred (the training model is left as it was): each channel's mean over the measured images
+    # is 0, the scale is 1 / their std, encodings move by the channel means, and decoding is unchanged.
     folder = tmp_path / 'outputs' / 'ae-test' / 'autoencoder'
     stats = json.loads((folder / 'scaling.json').read_text())
+    assert stats['centered'] and len(stats['channel_means']) == 4
     vae = AutoencoderKL.from_pretrained(folder)
     assert vae.config.scaling_factor == pytest.approx(stats['scaling_factor'])
     latents = []
@@ -104,10 +107,14 @@ def test_autoencoder_mini_yaml_trains_and_exports(demo_photos, tmp_path, monkeyp
         if i == 2:
             break
         latents.append(vae.encode(batch['image']).latent_dist.mean.detach())
-    std = torch.cat(latents).double().std(unbiased=False)
-    assert stats['scaling_factor'] == pytest.approx(1 / float(std), rel=1e-4)
-    assert stats['num_images'] == sum(len(z) for z in latents)
+    z = torch.cat(latents).double()
+    assert z.mean((0, 2, 3)).abs().max() < 1e-4 < max(abs(m) for m in stats['channel_means'])
+    assert stats['scaling_factor'] == pytest.approx(1 / float(z.std(unbiased=False)), rel=1e-4)
+    assert stats['num_images'] == len(z)
     frozen = registry.build(registry.autoencoders, {'name': 'autoencoder_kl', 'pretrained': str(folder)})
     assert frozen.scaling_factor == pytest.approx(stats['scaling_factor'])
     x = _images(1, 32)
-    torch.testing.assert_close(frozen.encode(x), model.encode_raw(x), atol=1e-5, rtol=1e-5)
+    means = torch.tensor(stats['channel_means']).view(1, -1, 1, 1)
+    torch.testing.assert_close(frozen.encode(x), model.encode_raw(x) - means, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(vae.decode(frozen.encode(x)).sample, model.reconstruct(x), atol=1e-5, rtol=1e-5)
