@@ -38,7 +38,7 @@ PY = sys.executable
 PROFILES = {
     'full': {'autoencoder_steps': 600, 'unet_steps': 1400, 'microdit_steps': 1200, 'checkpoints': 7,
              'eval_images': 0, 'probe_train': 600, 'sweep_images': 32, 'sample_steps': 10},
-    'quick': {'autoencoder_steps': 300, 'unet_steps': 600, 'microdit_steps': 600, 'checkpoints': 4,
+    'quick': {'autoencoder_steps': 300, 'unet_steps': 480, 'microdit_steps': 480, 'checkpoints': 4,
               'eval_images': 128, 'probe_train': 300, 'sweep_images': 16, 'sample_steps': 10},
 }
 # The samplers the demo scores with: first-order ones (one network call per step; MicroDiT's own default, Heun,
