@@ -67,11 +67,10 @@ def center_latent_channels(vae: Any, channel_means: Sequence[float]) -> None:
     subtracts ``channel_means`` from the means; the decoder's first one (``post_quant_conv``) adds them back
     (its bias grows by ``W @ channel_means``). Decoding an encoding is unchanged; only the latent space moves.
 
-    Why: with latents far from zero mean per channel (ours put a white emoji background at about -1 in one
-    channel), the DDPM schedule's final step still holds ``sqrt(alpha_bar_T) * mean`` of the signal, which
-    training learns to read, while sampling starts from zero-mean noise; the samples then miss the data's
-    global colour (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", describe
-    the same leak). Zero-mean latents remove the mismatch.
+    Why: diffusion noise is zero-mean, so latents far from zero mean per channel (our demo autoencoder's raw
+    latents average about -2.5 in one channel, the white emoji background) leave a channel offset that the
+    schedule must carry from noise to data. Centring removes that offset; it did not by itself remove the demo's
+    colour casts, which came from the noise schedule's non-zero terminal SNR (see the README's demo results).
     """
     if getattr(vae, 'quant_conv', None) is None or getattr(vae, 'post_quant_conv', None) is None:
         raise ValueError('center_latent_channels needs an AutoencoderKL with quant_conv and post_quant_conv '
