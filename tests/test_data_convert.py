@@ -125,6 +125,35 @@ def test_sanitize_converts_modes_and_orientation():
     assert max(big.image.size) == 48 and (big.width, big.height) == (96, 80)
 
 
+SVG = (b'<svg xmlns="http://www.w3.org/2000/svg" width="40" height="20" viewBox="0 0 40 20">'
+       b'<rect x="0" y="0" width="20" height="20" fill="#ff0000" fill-opacity="0.5"/></svg>')
+
+
+def test_sanitize_renders_svg_straight_to_rgb():
+    """The direct cairo rendering equals cairosvg's PNG composited onto the background (to rounding)."""
+    import cairosvg
+    svgs = [SVG, *[p.read_bytes() for p in sorted((CACHE / 'npm').glob('openmoji-*/**/color/svg/*.svg'))[:8]]]
+    assert len(svgs) == 9, "the OpenMoji npm package is not in the cache"
+    for data in svgs:
+        png = Image.open(io.BytesIO(cairosvg.svg2png(bytestring=data, output_width=64))).convert('RGBA')
+        expected = Image.alpha_composite(Image.new('RGBA', png.size, (255, 255, 255, 255)), png).convert('RGB')
+        clean = sanitize_image(data, svg=True, min_size=16, max_side=64)
+        assert clean.image.mode == 'RGB' and clean.image.size == expected.size
+        diff = np.abs(np.asarray(clean.image, np.int16) - np.asarray(expected, np.int16))
+        assert diff.max() <= 1
+    pixels = np.asarray(sanitize_image(SVG, svg=True, min_size=16, max_side=64, background=(0, 0, 255)).image)
+    assert pixels.shape == (32, 64, 3)
+    assert tuple(pixels[5, 5]) in {(127, 0, 128), (128, 0, 127), (128, 0, 128), (127, 0, 127)}  # half red on blue
+    assert tuple(pixels[5, 50]) == (0, 0, 255)  # the background where nothing is drawn
+    for bad in (b'<svg', b'<svg xmlns="http://www.w3.org/2000/svg" width="0" height="0"></svg>'):
+        with pytest.raises(SkipSample) as err:
+            sanitize_image(bad, svg=True, min_size=16, max_side=64)
+        assert err.value.reason in {'corrupt', 'too_small'}
+    with pytest.raises(SkipSample) as err:
+        sanitize_image(SVG, svg=True, max_side=4000, max_pixels=1000)
+    assert err.value.reason == 'decompression_bomb'
+
+
 def test_captions():
     assert clean_caption(b'  a red\n bicycle  ') == 'a red bicycle'
     for raw, reason in ((b'caf\xe9 \xff', 'caption_not_utf8'), (b'   ', 'empty_caption'), (None, 'empty_caption')):
