@@ -182,7 +182,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f'{name}: FID {m["fid_first"]:.1f} -> {m["fid_last"]:.1f}, KID {m["kid_first"]:.4f} -> '
               f'{m["kid_last"]:.4f} ({m["n_reference"]} held-out images); probe balanced accuracy on generated '
               f'{m["probe_accuracy_generated"]:.3f} = {m["probe_accuracy_generated"] / m["chance"]:.1f}x chance '
-              f'{m["chance"]:.3f} (real held-out: {m["probe_accuracy_real"]:.3f})')
+              f'{m["chance"]:.3f} (real held-out: {m["probe_accuracy_real"]:.3f}'
+              + (f'; through the autoencoder: probe {m["probe_accuracy_reconstructed"]:.3f}, FID '
+                 f'{m["fid_reconstructed"]:.1f}' if 'probe_accuracy_reconstructed' in m else '') + ')')
     print(f'open: {report} (or report.html beside it); model: {root}/unet/pipeline (README.md: licences)')
 
 

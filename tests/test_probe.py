@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 from diffusion.evaluation.probe import (CategoryProbe, balanced_accuracy, cached_features, inception_features,
@@ -115,6 +116,26 @@ def test_fid_kid_from_features_orders_near_and_far_sets():
     assert abs(a['kid_mean']) < 0.05 < b['kid_mean'] and b['kid_subset_size'] == 100
 
 
+def test_reconstructions_through_the_autoencoder():
+    """decode(encode(x)) as images of the input's size; an autoencoder that reconstructs well scores near the input."""
+    from diffusion import registry
+    from diffusion.evaluation.demo_eval import _fingerprint, reconstructions
+    from diffusion.train import import_components
+    import_components()
+    ae = registry.build(registry.autoencoders, {'name': 'autoencoder_kl', 'config': 'tiny'})
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(3)]
+    out = reconstructions(ae, images, batch_size=2)
+    assert len(out) == 3 and all(im.size == (32, 32) and im.mode == 'RGB' for im in out)
+    assert _fingerprint(ae) == _fingerprint(ae)
+    with torch.no_grad():
+        next(ae.parameters()).add_(1.0)
+    before = _fingerprint(ae)
+    with torch.no_grad():
+        next(ae.parameters()).add_(1.0)
+    assert _fingerprint(ae) != before  # cached features follow retrained weights
+
+
 def test_checkpoints_of_orders_by_batch(tmp_path):
     from diffusion.evaluation.demo_eval import checkpoints_of
     for name in ('ep1-ba1000-rank0.pt', 'ep0-ba200-rank0.pt', 'latest-rank0.pt', 'ep0-ba600-rank0.pt'):
@@ -131,7 +152,10 @@ def test_report_files_and_model_card(tmp_path):
                   'checkpoints': {'first': {'batch': 100, 'fid': 300.0, 'kid_mean': 0.3, 'probe_accuracy': 0.12},
                                   'last': {'batch': 900, 'fid': 90.0, 'kid_mean': 0.05, 'probe_accuracy': 0.4}}}
     metrics = {'unet': model_metrics(evaluation)}
-    assert set(METRIC_KEYS) <= set(metrics['unet'])
+    assert set(METRIC_KEYS) <= set(metrics['unet']) and 'probe_accuracy_reconstructed' not in metrics['unet']
+    evaluation['reconstructed'] = {'probe_accuracy': 0.45, 'fid': 110.0, 'kid_mean': 0.02}
+    metrics = {'unet': model_metrics(evaluation)}
+    assert (metrics['unet']['probe_accuracy_reconstructed'], metrics['unet']['fid_reconstructed']) == (0.45, 110.0)
     assert (metrics['unet']['fid_first'], metrics['unet']['fid_last']) == (300.0, 90.0)
     grid = labelled_grid(['grinning face', 'flag: japan'], [('real', [Image.new('RGB', (64, 64), 'red')] * 2),
                                                             ('model', [Image.new('RGB', (64, 64), 'blue')] * 2)],
@@ -141,6 +165,7 @@ def test_report_files_and_model_card(tmp_path):
                           metrics)
     text = report.read_text()
     assert '4.0x chance' in text and '300.0 (ba 100) -> 90.0 (ba 900)' in text and '![g](grid.png)' in text
+    assert '0.450 / 110.0 / 0.0200' in text  # the autoencoder ceiling
     assert '<img src="grid.png"' in (tmp_path / 'report.html').read_text()
     assert json.loads((tmp_path / 'metrics.json').read_text())['unet']['n_reference'] == 500
     attribution = tmp_path / 'attribution.csv'

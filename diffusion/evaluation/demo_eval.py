@@ -9,8 +9,10 @@ image goes through the TF-FID Inception once; its pool features serve FID, KID a
 every model of the demo. Generation is resumable (:func:`diffusion.evaluation.generate.generate_to_folder`).
 
 Writes ``<run>/eval/metrics.json``: per checkpoint (first, last) FID, KID, probe balanced accuracy; the probe's
-balanced accuracy on real held-out images and chance; the guidance sweep (FID/KID per guidance scale, last
-checkpoint) and its plot ``<run>/eval/guidance.png``.
+balanced accuracy on real held-out images and chance; the same figures for the held-out images passed through the
+model's own autoencoder (``decode(encode(x))``: what a latent generator that reproduced the data's latents
+exactly would score, the ceiling the autoencoder leaves the diffusion model); the guidance sweep (FID/KID per
+guidance scale, last checkpoint) and its plot ``<run>/eval/guidance.png``.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from diffusion.evaluation.probe import CategoryProbe, cached_features, inception
 
 log = logging.getLogger(__name__)
 
-__all__ = ['fid_kid', 'checkpoints_of', 'main']
+__all__ = ['fid_kid', 'checkpoints_of', 'reconstructions', 'main']
 
 # Defaults for DDPM models (the demo's UNet); EDM models (MicroDiT) take the project's: heun, 30 steps, guidance 5.
 DEMO_DDPM_SAMPLING = {'sampler': 'ddim', 'num_inference_steps': 20, 'guidance_scale': 3.0}
@@ -58,6 +60,31 @@ def checkpoints_of(folder: str | Path) -> list[tuple[int, Path]]:
         if match:
             found.append((int(match.group(1)), path))
     return sorted(found)
+
+
+def reconstructions(autoencoder: Any, images: Sequence[Any], batch_size: int = 32) -> list[Any]:
+    """``decode(encode(x))`` of RGB PIL images through a frozen :class:`~diffusion.models.autoencoders.Autoencoder`
+    (posterior means), as RGB PIL images of the same size."""
+    from PIL import Image
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            x = torch.stack([torch.from_numpy(np.array(im.convert('RGB'))).permute(2, 0, 1) for im in
+                             images[i:i + batch_size]]).float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
+            y = autoencoder.decode(autoencoder.encode(x)).clamp(-1, 1)
+            pixels = ((y.permute(0, 2, 3, 1) + 1) * 127.5).round().to(torch.uint8).numpy()  # (B, H, W, 3)
+            out.extend(Image.fromarray(a) for a in pixels)
+    return out
+
+
+def _fingerprint(module: torch.nn.Module) -> str:
+    """A short hash of a module's weights (so cached features of its outputs follow a retrained module)."""
+    import hashlib
+    digest = hashlib.sha1()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
 
 
 def _generate(ckpt: Path, prompts: Sequence[str], out: Path, args: argparse.Namespace,
@@ -123,6 +150,17 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
         'reference_keys': held['keys'],
         'settings': {'sampler': args.sampler, 'steps': args.steps, 'guidance_scale': args.guidance,
                      'seed': args.seed, 'size': args.size}, 'checkpoints': {}}
+    # The ceiling the autoencoder leaves: the held-out images through decode(encode(x)), scored like generated ones.
+    from diffusion.export.checkpoint import load_model
+    autoencoder = load_model(ckpts[-1][1], weights='auto')[0].autoencoder
+    if autoencoder is not None:
+        weights = _fingerprint(autoencoder)
+        rec = cached_features(Path(args.features) / 'reconstructed.npz', [f'{k}@{weights}' for k in held['keys']],
+                              lambda: reconstructions(autoencoder, held['images']), extractor)
+        result['reconstructed'] = {**fid_kid(real, rec, args.kid_subsets, seed=args.seed),
+                                   'probe_accuracy': probe.score(rec, held['categories']).balanced_accuracy}
+        log.info('autoencoder reconstructions of the held-out images: %s', result['reconstructed'])
+        del autoencoder
     prompts = held['captions']
     for tag, (batch, path) in (('first', ckpts[0]), ('last', ckpts[-1])):
         images = _generate(path, prompts, out / f'ba{batch}', args, args.guidance)

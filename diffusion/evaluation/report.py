@@ -91,7 +91,10 @@ def model_metrics(evaluation: dict[str, Any]) -> dict[str, Any]:
             'chance': evaluation['chance'], 'fid_first': first['fid'], 'fid_last': last['fid'],
             'n_reference': evaluation['n_reference'], 'kid_first': first['kid_mean'], 'kid_last': last['kid_mean'],
             'probe_accuracy_generated_first': first['probe_accuracy'], 'batch_first': first['batch'],
-            'batch_last': last['batch'], 'probe_classes': len(evaluation['probe_classes'])}
+            'batch_last': last['batch'], 'probe_classes': len(evaluation['probe_classes']),
+            **({'probe_accuracy_reconstructed': evaluation['reconstructed']['probe_accuracy'],
+                'fid_reconstructed': evaluation['reconstructed']['fid'],
+                'kid_reconstructed': evaluation['reconstructed']['kid_mean']} if 'reconstructed' in evaluation else {})}
 
 
 def licence_counts(attribution: Path) -> dict[str, int]:
@@ -120,14 +123,17 @@ def model_grid(name: str, evaluation: dict[str, Any], real: Sequence[Image.Image
 
 def _metrics_table(metrics: dict[str, dict[str, Any]]) -> list[list[str]]:
     head = ['model', 'probe bal. acc. generated (first -> last)', 'probe bal. acc. real', 'chance',
-            'FID first -> last', 'KID first -> last', 'held-out images']
+            'FID first -> last', 'KID first -> last', 'autoencoder ceiling: probe / FID / KID', 'held-out images']
     rows = [head]
     for name, m in metrics.items():
         rows.append([name, f'{m["probe_accuracy_generated_first"]:.3f} -> {m["probe_accuracy_generated"]:.3f} '
                            f'({m["probe_accuracy_generated"] / m["chance"]:.1f}x chance)',
                      f'{m["probe_accuracy_real"]:.3f}', f'{m["chance"]:.3f} (1/{m["probe_classes"]})',
                      f'{m["fid_first"]:.1f} (ba {m["batch_first"]}) -> {m["fid_last"]:.1f} (ba {m["batch_last"]})',
-                     f'{m["kid_first"]:.4f} -> {m["kid_last"]:.4f}', str(m['n_reference'])])
+                     f'{m["kid_first"]:.4f} -> {m["kid_last"]:.4f}',
+                     f'{m["probe_accuracy_reconstructed"]:.3f} / {m["fid_reconstructed"]:.1f} / '
+                     f'{m["kid_reconstructed"]:.4f}' if 'probe_accuracy_reconstructed' in m else 'n/a',
+                     str(m['n_reference'])])
     return rows
 
 
@@ -178,7 +184,10 @@ def metrics_section(metrics: dict[str, dict[str, Any]]) -> list[Any]:
             'Probe: logistic regression on Inception pool features of real training images, predicting the '
             "emoji's category; balanced accuracy = mean per-class recall, chance = 1/K. 'generated' scores the "
             'images made from held-out captions (the category of the caption\'s image is the label); \'real\' '
-            'scores the held-out images themselves (the ceiling). FID/KID: the same held-out images as '
+            'scores the held-out images themselves (the ceiling). Autoencoder ceiling: the held-out images '
+            'passed through the model\'s own autoencoder (decode(encode(x))), scored like generated images: '
+            'what a diffusion model that reproduced the data\'s latents exactly would reach with this '
+            'autoencoder. FID/KID: the same held-out images as '
             'reference, one generated image per held-out caption; FID on a few hundred images is biased upward: '
             'compare first with last.']
 
