@@ -184,7 +184,9 @@ def main(argv: list[str] | None = None) -> None:
               f'{m["probe_accuracy_generated"]:.3f} = {m["probe_accuracy_generated"] / m["chance"]:.1f}x chance '
               f'{m["chance"]:.3f} (real held-out: {m["probe_accuracy_real"]:.3f}'
               + (f'; through the autoencoder: probe {m["probe_accuracy_reconstructed"]:.3f}, FID '
-                 f'{m["fid_reconstructed"]:.1f}' if 'probe_accuracy_reconstructed' in m else '') + ')')
+                 f'{m["fid_reconstructed"]:.1f}' if 'probe_accuracy_reconstructed' in m else '') + ')'
+              + (f'; probe fitted on reconstructions: generated {m["probe_ae_accuracy_generated"]:.3f}, real '
+                 f'{m["probe_ae_accuracy_real"]:.3f}' if 'probe_ae_accuracy_generated' in m else ''))
     print(f'open: {report} (or report.html beside it); model: {root}/unet/pipeline (README.md: licences)')
 
 

@@ -154,6 +154,9 @@ def test_report_files_and_model_card(tmp_path):
     metrics = {'unet': model_metrics(evaluation)}
     assert set(METRIC_KEYS) <= set(metrics['unet']) and 'probe_accuracy_reconstructed' not in metrics['unet']
     evaluation['reconstructed'] = {'probe_accuracy': 0.45, 'fid': 110.0, 'kid_mean': 0.02}
+    evaluation['probe_ae_accuracy_real'] = 0.5
+    evaluation['checkpoints']['first']['probe_ae_accuracy'] = 0.15
+    evaluation['checkpoints']['last']['probe_ae_accuracy'] = 0.3
     metrics = {'unet': model_metrics(evaluation)}
     assert (metrics['unet']['probe_accuracy_reconstructed'], metrics['unet']['fid_reconstructed']) == (0.45, 110.0)
     assert (metrics['unet']['fid_first'], metrics['unet']['fid_last']) == (300.0, 90.0)
@@ -166,6 +169,7 @@ def test_report_files_and_model_card(tmp_path):
     text = report.read_text()
     assert '4.0x chance' in text and '300.0 (ba 100) -> 90.0 (ba 900)' in text and '![g](grid.png)' in text
     assert '0.450 / 110.0 / 0.0200' in text  # the autoencoder ceiling
+    assert '0.150 -> 0.300 (3.0x chance) / 0.500' in text  # the probe fitted on reconstructions
     assert '<img src="grid.png"' in (tmp_path / 'report.html').read_text()
     assert json.loads((tmp_path / 'metrics.json').read_text())['unet']['n_reference'] == 500
     attribution = tmp_path / 'attribution.csv'

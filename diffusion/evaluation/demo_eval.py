@@ -11,7 +11,10 @@ every model of the demo. Generation is resumable (:func:`diffusion.evaluation.ge
 Writes ``<run>/eval/metrics.json``: per checkpoint (first, last) FID, KID, probe balanced accuracy; the probe's
 balanced accuracy on real held-out images and chance; the same figures for the held-out images passed through the
 model's own autoencoder (``decode(encode(x))``: what a latent generator that reproduced the data's latents
-exactly would score, the ceiling the autoencoder leaves the diffusion model); the guidance sweep (FID/KID per
+exactly would score, the ceiling the autoencoder leaves the diffusion model); a second probe's balanced accuracy
+(``probe_ae_accuracy``), fitted on the same real training images passed through that autoencoder, so that it
+judges generated images (always decoder outputs) in the decoder's domain rather than penalising its blur; the
+guidance sweep (FID/KID per
 guidance scale, last checkpoint) and its plot ``<run>/eval/guidance.png``.
 """
 from __future__ import annotations
@@ -113,12 +116,14 @@ def _generate(ckpt: Path, prompts: Sequence[str], out: Path, args: argparse.Name
 
 
 def _score(name: str, images: list[Any], real: np.ndarray, labels: Sequence[str], probe: CategoryProbe,
-           extractor: Any, args: argparse.Namespace) -> dict[str, Any]:
+           extractor: Any, args: argparse.Namespace, probe_ae: Optional[CategoryProbe] = None) -> dict[str, Any]:
     feats = inception_features(images, extractor=extractor)
     row = {**fid_kid(real, feats, args.kid_subsets, seed=args.seed), 'num_generated': len(images)}
     if labels:
         score = probe.score(feats, labels)
         row['probe_accuracy'] = score.balanced_accuracy
+        if probe_ae is not None:
+            row['probe_ae_accuracy'] = probe_ae.score(feats, labels).balanced_accuracy
     log.info('%s: %s', name, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
     return row
 
@@ -151,14 +156,23 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
         'settings': {'sampler': args.sampler, 'steps': args.steps, 'guidance_scale': args.guidance,
                      'seed': args.seed, 'size': args.size}, 'checkpoints': {}}
     # The ceiling the autoencoder leaves: the held-out images through decode(encode(x)), scored like generated ones.
+    # And a second probe fitted on the same training images through the autoencoder: generated images can only be
+    # decoder outputs, so this probe compares them with real images in the decoder's own (blurred) domain.
     from diffusion.export.checkpoint import load_model
     autoencoder = load_model(ckpts[-1][1], weights='auto')[0].autoencoder
+    probe_ae = None
     if autoencoder is not None:
         weights = _fingerprint(autoencoder)
         rec = cached_features(Path(args.features) / 'reconstructed.npz', [f'{k}@{weights}' for k in held['keys']],
                               lambda: reconstructions(autoencoder, held['images']), extractor)
+        train_rec = cached_features(Path(args.features) / 'train_reconstructed.npz',
+                                    [f'{k}@{weights}' for k in train['keys']],
+                                    lambda: reconstructions(autoencoder, train['images']), extractor)
+        probe_ae = CategoryProbe().fit(train_rec, train['categories'])
         result['reconstructed'] = {**fid_kid(real, rec, args.kid_subsets, seed=args.seed),
-                                   'probe_accuracy': probe.score(rec, held['categories']).balanced_accuracy}
+                                   'probe_accuracy': probe.score(rec, held['categories']).balanced_accuracy,
+                                   'probe_ae_accuracy': probe_ae.score(rec, held['categories']).balanced_accuracy}
+        result['probe_ae_accuracy_real'] = probe_ae.score(real, held['categories']).balanced_accuracy
         log.info('autoencoder reconstructions of the held-out images: %s', result['reconstructed'])
         del autoencoder
     prompts = held['captions']
@@ -166,7 +180,7 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
         images = _generate(path, prompts, out / f'ba{batch}', args, args.guidance)
         result['checkpoints'][tag] = {'batch': batch, 'images': str(out / f'ba{batch}'),
                                       **_score(f'batch {batch}', images, real, held['categories'], probe,
-                                               extractor, args)}
+                                               extractor, args, probe_ae)}
     result['settings'].update(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)  # resolved
     sweep = []
     pick = list(range(0, len(prompts), max(1, len(prompts) // args.sweep_images)))[:args.sweep_images]
