@@ -252,7 +252,7 @@ def main() -> None:
     from diffusion.callbacks.mfu_monitor import measure_matmul_peak
     gen = torch.Generator().manual_seed(0)
     encoders = build_encoders()
-    side = args.latent_size * 4  # the mini autoencoder downsamples 4x
+    side = args.latent_size * encoders[0].downsample_factor
     words = ['grinning face', 'red apple', 'flag: japan', 'cat face', 'keycap: 0', 'droplet', 'man with white cane',
              'evergreen tree']
     batch = {'images': torch.rand(args.batch_size, 3, side, side, generator=gen) * 2 - 1,

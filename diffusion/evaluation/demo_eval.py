@@ -14,12 +14,12 @@ model's own autoencoder (``decode(encode(x))``: what a latent generator that rep
 exactly would score, the ceiling the autoencoder leaves the diffusion model); a second probe's balanced accuracy
 (``probe_ae_accuracy``), fitted on the same real training images passed through that autoencoder, so that it
 judges generated images (always decoder outputs) in the decoder's domain rather than penalising its blur; the
-guidance sweep (FID/KID per
-guidance scale, last checkpoint) and its plot ``<run>/eval/guidance.png``.
+guidance sweep (FID/KID per guidance scale, last checkpoint) and its plot ``<run>/eval/guidance.png``.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -69,11 +69,12 @@ def reconstructions(autoencoder: Any, images: Sequence[Any], batch_size: int = 3
     """``decode(encode(x))`` of RGB PIL images through a frozen :class:`~diffusion.models.autoencoders.Autoencoder`
     (posterior means), as RGB PIL images of the same size."""
     from PIL import Image
+
+    from diffusion.data.dataset import _to_tensor
     out = []
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
-            x = torch.stack([torch.from_numpy(np.array(im.convert('RGB'))).permute(2, 0, 1) for im in
-                             images[i:i + batch_size]]).float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
+            x = torch.stack([_to_tensor(im, flip=False) for im in images[i:i + batch_size]])  # (B, 3, H, W)
             y = autoencoder.decode(autoencoder.encode(x)).clamp(-1, 1)
             pixels = ((y.permute(0, 2, 3, 1) + 1) * 127.5).round().to(torch.uint8).numpy()  # (B, H, W, 3)
             out.extend(Image.fromarray(a) for a in pixels)
@@ -90,14 +91,21 @@ def _fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()[:12]
 
 
+@functools.lru_cache(maxsize=2)
+def _load(ckpt: Path) -> tuple[Any, Any]:
+    """``load_model`` (EMA weights when present), once per checkpoint: the last one serves the autoencoder
+    ceiling, its own images and every guidance of the sweep."""
+    from diffusion.export.checkpoint import load_model
+    return load_model(ckpt, weights='auto')
+
+
 def _generate(ckpt: Path, prompts: Sequence[str], out: Path, args: argparse.Namespace,
               guidance: float) -> list[Any]:
     """Images for ``prompts`` from one checkpoint (resumable folder ``out``), as PIL images in prompt order."""
     from PIL import Image
 
     from diffusion.evaluation.generate import default_size, generate_to_folder, resolve_sampling
-    from diffusion.export.checkpoint import load_model
-    model, info = load_model(ckpt, weights='auto')
+    model, info = _load(ckpt)
     size = default_size(model)
     chosen = resolve_sampling(model, args.sampler, args.steps, guidance, ddpm=DEMO_DDPM_SAMPLING)
     args.sampler, args.steps = chosen['sampler'], chosen['num_inference_steps']  # recorded in metrics.json
@@ -158,8 +166,7 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
     # The ceiling the autoencoder leaves: the held-out images through decode(encode(x)), scored like generated ones.
     # And a second probe fitted on the same training images through the autoencoder: generated images can only be
     # decoder outputs, so this probe compares them with real images in the decoder's own (blurred) domain.
-    from diffusion.export.checkpoint import load_model
-    autoencoder = load_model(ckpts[-1][1], weights='auto')[0].autoencoder
+    autoencoder = _load(ckpts[-1][1])[0].autoencoder
     probe_ae = None
     if autoencoder is not None:
         weights = _fingerprint(autoencoder)
@@ -174,7 +181,6 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
                                    'probe_ae_accuracy': probe_ae.score(rec, held['categories']).balanced_accuracy}
         result['probe_ae_accuracy_real'] = probe_ae.score(real, held['categories']).balanced_accuracy
         log.info('autoencoder reconstructions of the held-out images: %s', result['reconstructed'])
-        del autoencoder
     prompts = held['captions']
     for tag, (batch, path) in (('first', ckpts[0]), ('last', ckpts[-1])):
         images = _generate(path, prompts, out / f'ba{batch}', args, args.guidance)
