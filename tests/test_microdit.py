@@ -151,6 +151,40 @@ def test_expert_choice_takes_exact_capacity_and_matches_dense_reference():
     torch.testing.assert_close(moe(x), ref, rtol=1e-5, atol=1e-6)
 
 
+def test_expert_choice_with_active_tokens_computes_only_them():
+    torch.manual_seed(0)
+    moe = ExpertChoiceMoE(dim=16, hidden=32, num_experts=8, capacity=2.0)
+    moe.init_weights(0.1)
+    x = torch.randn(3, 64, 16, requires_grad=True)
+    active = torch.rand(3, 64) < 0.25
+    full, part = moe(x), moe(x, active)
+    torch.testing.assert_close(part[active], full[active], rtol=1e-5, atol=1e-6)  # same routing, same outputs
+    assert (part[~active] == 0).all()
+    # Only the active tokens' outputs reach a loss: every gradient is the same as computing all pairs.
+    grads = [torch.autograd.grad((out[active]**2).sum(), [x, moe.w1, moe.w2, moe.gate.weight]) for out in (full, part)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_last_mixer_block_skips_dropped_tokens_with_the_same_result():
+    model = _mini(mask_ratio=0.75).train()
+    x, t, cond = _inputs()
+    results = []
+    for skip in (True, False):
+        model.skip_dropped_experts = skip
+        model.zero_grad()
+        torch.manual_seed(5)  # the same mask
+        out, mask = model(x, t, **cond, return_mask=True)
+        out.square().sum().backward()
+        results.append((out, mask, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (out, mask, grads), (ref, ref_mask, ref_grads) = results
+    torch.testing.assert_close(mask, ref_mask, rtol=0, atol=0)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert len(grads) == len(ref_grads)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------- training pieces
 
 

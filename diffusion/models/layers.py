@@ -210,18 +210,29 @@ class ExpertChoiceMoE(nn.Module):
         probs = self.gate(x).softmax(dim=-1)  # (N, T, E)
         return probs.transpose(1, 2).topk(self.tokens_per_expert(x.shape[1]), dim=-1)  # (N, E, k) x 2
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, active: Optional[Tensor] = None) -> Tensor:
+        """``x`` (N, T, D) -> (N, T, D). ``active`` (N, T) bool: the caller keeps only these tokens' outputs
+        (deferred masking drops the others right after this layer). Routing still sees every token, so each
+        expert picks the same tokens as without it, but only (expert, token) pairs with an active token are
+        computed; inactive tokens' outputs are 0. Active tokens' outputs and every gradient are unchanged."""
         n, t, d = x.shape
         e = self.num_experts
         g, idx = self.route(x)  # (N, E, k)
         # Rows of x.view(N*T, D) each expert takes, expert-major: one contiguous (E, N*k, D) gather feeds the
         # batched matmuls directly (no permute copies forward or backward), and index_select's backward is an
         # index_add (not the slower accumulate-index_put of advanced indexing).
-        rows = (idx + t * torch.arange(n, device=x.device)[:, None, None]).transpose(0, 1).reshape(-1)  # (E*N*k,)
+        rows = (idx + t * torch.arange(n, device=x.device)[:, None, None]).transpose(0, 1).reshape(e, -1)  # (E, N*k)
+        gates = g.transpose(0, 1).reshape(e, -1)  # (E, N*k)
+        if active is not None:
+            take = active.reshape(-1)[rows]  # (E, N*k) True where the picked token is active
+            width = int(take.sum(dim=1).max())  # the busiest expert's active picks; the others are padded
+            first = take.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :width]  # active first
+            rows, gates = rows.gather(1, first), gates.gather(1, first) * take.gather(1, first)  # padding: gate 0
+        rows = rows.reshape(-1)  # (E*M,), M = N*k or the padded width
         flat = x.reshape(n * t, d)
-        h = flat.index_select(0, rows).view(e, -1, d)  # (E, N*k, D)
-        h = F.gelu(torch.bmm(h, self.w1))  # (E, N*k, F)
-        h = torch.bmm(h, self.w2) * g.transpose(0, 1).reshape(e, -1, 1)  # (E, N*k, D), gated
+        h = flat.index_select(0, rows).view(e, -1, d)  # (E, M, D)
+        h = F.gelu(torch.bmm(h, self.w1))  # (E, M, F)
+        h = torch.bmm(h, self.w2) * gates.unsqueeze(-1)  # (E, M, D), gated
         return flat.new_zeros(n * t, d).index_add(0, rows, h.view(-1, d)).view(n, t, d)  # (N, T, D)
 
     def init_weights(self, out_std: float) -> None:
