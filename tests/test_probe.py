@@ -192,3 +192,49 @@ def test_demo_profiles_and_overrides():
     for args in (quick, demo.parse_args([])):
         for name in args.models:  # a first checkpoint well before the last one
             assert args.checkpoints >= 2 and getattr(args, f'{name}_steps') // args.checkpoints >= 1
+
+
+def test_demo_eval_end_to_end(tmp_path):
+    """``python -m diffusion.evaluation.demo_eval`` on a real 2-checkpoint run and a real emoji catalog: metrics.json
+    holds both checkpoints, the autoencoder ceiling and the probe fitted on reconstructions, and a second run reads
+    every real feature from the cache."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from convert import commoncatalog_mini
+    from diffusion.config import load_config
+    from diffusion.evaluation import demo_eval
+    from diffusion.train import build_trainer
+    catalog = tmp_path / 'cc'
+    commoncatalog_mini.main(['--out', str(catalog), '--cache-dir', str(CACHE), '--sources', 'openmoji', 'twemoji',
+                             '--max-per-source', '18', '--size', '32', '--workers', '1', '--eval-fraction', '0.25'])
+    raw = OmegaConf.to_container(OmegaConf.load(REPO / 'yamls/tiny-cpu.yaml'))
+    raw['callbacks'], raw['eval_loader'], raw['algorithms'] = {}, None, {}
+    run = tmp_path / 'run'
+    trainer = build_trainer(load_config(base=raw, overrides=[
+        f'variables.data={catalog}', f'save_folder={run}/checkpoints', 'max_duration=2ba', 'save_interval=1ba',
+        'save_num_checkpoints_to_keep=-1', 'global_train_batch_size=4', 'scheduler.t_warmup=0ba',
+        'log_to_console=false', 'variables.resolution=32',
+        'model.backbone.sample_size=8']))
+    trainer.fit()
+    trainer.close()
+    argv = ['--data', str(catalog), '--run', str(run), '--features', str(tmp_path / 'features'), '--size', '32',
+            '--probe-train', '40', '--steps', '2', '--sweep', '1', '3', '--sweep-images', '2', '--kid-subsets', '5']
+    assert demo_eval.main(argv) == 0
+    metrics = json.loads((run / 'eval' / 'metrics.json').read_text())
+    first, last = metrics['checkpoints']['first'], metrics['checkpoints']['last']
+    assert (first['batch'], last['batch']) == (1, 2)
+    assert first['num_generated'] == last['num_generated'] == metrics['n_reference'] > 0
+    for row in (first, last, metrics['reconstructed']):
+        assert np.isfinite(row['fid']) and 0 <= row['probe_accuracy'] <= 1 and 0 <= row['probe_ae_accuracy'] <= 1
+    assert 0 <= metrics['probe_ae_accuracy_real'] <= 1 and len(metrics['sweep']) == 2
+    feature_files = sorted(p.name for p in (tmp_path / 'features').iterdir())
+    assert feature_files == ['eval.npz', 'reconstructed.npz', 'train.npz', 'train_reconstructed.npz']
+    # Again: every real and reconstructed feature comes from the cache, the scores are the same.
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / 'features').iterdir()}
+    assert demo_eval.main(argv) == 0
+    again = json.loads((run / 'eval' / 'metrics.json').read_text())
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / 'features').iterdir()} == stamps
+    assert again['reconstructed'] == metrics['reconstructed']
+    assert again['checkpoints']['last']['fid'] == pytest.approx(last['fid'])
