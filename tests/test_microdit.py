@@ -185,6 +185,20 @@ def test_last_mixer_block_skips_dropped_tokens_with_the_same_result():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_masked_forward_compiles_as_one_graph():
+    """Under torch.compile the skip is off (its padded width is data-dependent): fullgraph capture works and gives
+    the eager result."""
+    model = _mini(mask_ratio=0.75).train()
+    x, t, cond = _inputs()
+    torch.manual_seed(5)
+    ref, mask = model(x, t, **cond, return_mask=True)
+    model.compile(backend='eager', fullgraph=True)
+    torch.manual_seed(5)
+    out, mask2 = model(x, t, **cond, return_mask=True)
+    torch.testing.assert_close(mask2, mask, rtol=0, atol=0)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------- training pieces
 
 

@@ -401,8 +401,10 @@ class MicroDiT(nn.Module):
             x = self.patch_mixer_map_xin(x)  # (N, T, D_mixer)
             y_mixer = self.patch_mixer_map_y(y)  # (N, L, D_mixer)
             # The last mixer block's experts compute only tokens that masking keeps (the public code computes all
-            # and drops 3/4 of them): same routing, same kept outputs and gradients, less work.
-            active = mask == 0 if masked and self.skip_dropped_experts else None  # (N, T) bool
+            # and drops 3/4 of them): same routing, same kept outputs and gradients, less work. Not under
+            # torch.compile: the padded width is data-dependent (a graph break, an error with fullgraph).
+            skip = masked and self.skip_dropped_experts and not torch.compiler.is_compiling()
+            active = mask == 0 if skip else None  # (N, T) bool
             for i, block in enumerate(self.patch_mixer):
                 x = block(x, y_mixer, c, text_mask, active if i == len(self.patch_mixer) - 1 else None)
         if masked:
