@@ -183,7 +183,7 @@ def _stand_ins() -> Any:
 def build_public(code: Path, side: int, text_dim: int, optimizer: str, batch: dict[str, torch.Tensor]) -> Arm:
     """The public code's MicroDiT_Tiny_2 with its EDM loss (``LatentDiffusion.edm_loss`` and
     ``model_forward_wrapper`` of micro_diffusion/models/model.py, which also loads a VAE and a text encoder from
-    the hub: only the loss is re-stated here)."""
+    the hub: only its loss is re-stated here, with this project's EDM functions, which compute the same terms)."""
     if not (code / 'micro_diffusion' / 'models' / 'dit.py').is_file():
         raise SystemExit(f'--public-code {code}: no micro_diffusion/models/dit.py there; clone '
                          'https://github.com/SonyResearch/micro_diffusion')
@@ -192,17 +192,16 @@ def build_public(code: Path, side: int, text_dim: int, optimizer: str, batch: di
         from micro_diffusion.models.dit import MicroDiT_Tiny_2
     torch.manual_seed(0)
     model = MicroDiT_Tiny_2(caption_channels=text_dim, input_size=side)
+    from diffusion.schedules import edm_loss_weight, edm_precondition, lognormal_sigmas
     x, y = batch['latents'], batch['text_hidden'].unsqueeze(1)  # the public code's captions are (N, 1, L, D)
-    sd, p_mean, p_std = EDM['sigma_data'], EDM['p_mean'], EDM['p_std']
 
     def loss(ratio: float) -> torch.Tensor:
-        sigma = (torch.randn(x.shape[0], 1, 1, 1) * p_std + p_mean).exp()
-        weight = (sigma**2 + sd**2) / (sigma * sd)**2
-        noised = x + torch.randn_like(x) * sigma
-        c_skip, c_out = sd**2 / (sigma**2 + sd**2), sigma * sd / (sigma**2 + sd**2).sqrt()
-        c_in = 1 / (sd**2 + sigma**2).sqrt()
-        out = model(c_in * noised, (sigma.log() / 4).flatten(), y, mask_ratio=ratio)
-        err = weight * (c_skip * noised + c_out * out['sample'] - x)**2  # (N, C, H, W)
+        sigma = lognormal_sigmas(x.shape[0], EDM['p_mean'], EDM['p_std'])  # (N,)
+        c_skip, c_out, c_in, c_noise = (c.view(-1, 1, 1, 1) for c in edm_precondition(sigma, EDM['sigma_data']))
+        noised = x + torch.randn_like(x) * sigma.view(-1, 1, 1, 1)
+        out = model(c_in * noised, c_noise.flatten(), y, mask_ratio=ratio)
+        denoised = c_skip * noised + c_out * out['sample']
+        err = edm_loss_weight(sigma, EDM['sigma_data']).view(-1, 1, 1, 1) * (denoised - x)**2  # (N, C, H, W)
         if ratio > 0:  # mean over kept patches
             err = F.avg_pool2d(err.mean(dim=1), model.patch_size).flatten(1)
             kept = 1 - out['mask']
