@@ -4,6 +4,7 @@ patch-mixer, in one run; optionally beside the public code's own MicroDiT_Tiny_2
     python bench/masking.py                                  # mini @16x16 b8, tiny-2 @32x32 b2 and @16x16 b4
     python bench/masking.py --repeats 2 --steps 3            # a quick check
     python bench/masking.py --only tiny-2 --public-code ~/micro_diffusion   # ours and the public code, side by side
+    python bench/masking.py --only tiny-2-b8                 # tiny-2 @32x32 at batch 8 (~6 min, not in the default)
 
 For each model (a preset with the patch-mixer, and the same preset without it, which is naive masking) one set of
 weights is trained at each mask ratio on the same batch: ``LatentDiffusion`` with the EDM schedule on precomputed
@@ -34,7 +35,10 @@ on these CPUs (fp32, 2 threads, 384-d text states, one training step) go from 2,
 latents, batch 2 (2.18x), and from 1,245 to 740 ms at 16x16, batch 4 (1.68x); ``--public-code`` measures it here.
 
 Prints a table and, last, one JSON line (``speedup_075`` and ``flop_ratio_075`` are tiny-2 at 32x32 with the mixer;
-``speedup_075_16`` tiny-2 at 16x16; ``public_speedup_075`` / ``public_speedup_075_16`` when measured).
+``speedup_075_16`` tiny-2 at 16x16, ``speedup_075_b8`` at 32x32, batch 8; ``public_speedup_075*`` when
+measured). Batch 8 shows what the per-step costs that do not shrink with the mask (the optimizer update of every
+parameter, freeing and re-allocating the gradients) take from the speed-up at batch 2: they are a quarter as large
+a share of the step.
 """
 from __future__ import annotations
 
@@ -57,13 +61,15 @@ from torch import nn
 RATIOS = (0.0, 0.5, 0.75)
 # name: (preset, latent side, batch)
 SETUPS = {'mini': ('microdit-mini', 16, 8), 'tiny-2': ('microdit-tiny-2', 32, 2),
-          'tiny-2-16': ('microdit-tiny-2', 16, 4)}
+          'tiny-2-16': ('microdit-tiny-2', 16, 4), 'tiny-2-b8': ('microdit-tiny-2', 32, 8)}
+DEFAULT_SETUPS = ('mini', 'tiny-2', 'tiny-2-16')  # tiny-2-b8 (~6 min): the fixed per-step costs at a larger batch
 EDM = {'sigma_data': 0.9, 'p_mean': -0.6, 'p_std': 1.2}  # MicroDiT's constants at 256 px
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--only', choices=sorted(SETUPS), action='append', help='run only these setups')
+    p.add_argument('--only', choices=sorted(SETUPS), action='append',
+                   help=f'run only these setups (default: {", ".join(DEFAULT_SETUPS)})')
     p.add_argument('--steps', type=int, default=4, help='steps per timed block (gives steps-1 intervals)')
     p.add_argument('--repeats', type=int, default=3, help='timed blocks per mask ratio')
     p.add_argument('--warmup', type=int, default=1, help='untimed steps per ratio first')
@@ -253,7 +259,7 @@ def measure(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             for ratio in RATIOS:
                 wall, cpu, fb = times[model, ratio]
                 speedup, flop_ratio = wall0 / wall, flops[model, 0.0] / flops[model, ratio]
-                rows.append({'name': name, 'setup': f'{name.split("-16")[0]} @{side}x{side} b{batch_size}',
+                rows.append({'name': name, 'setup': f'{preset.split("microdit-")[1]} @{side}x{side} b{batch_size}',
                              'model': model, 'mask': ratio, 'ms_step': 1e3 * wall, 'cpu_ms_step': 1e3 * cpu,
                              'fb_cpu_ms': 1e3 * fb, 'img_s': batch_size / wall,
                              'gflop_img': flops[model, ratio] / 1e9, 'speedup': speedup,
@@ -269,7 +275,7 @@ def main() -> None:
         use_glibc_heap()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
-    rows = [row for name in (args.only or list(SETUPS)) for row in measure(name, args)]
+    rows = [row for name in (args.only or DEFAULT_SETUPS) for row in measure(name, args)]
     head = (f'{"setup":<18} {"model":>10} {"mask":>5} {"ms/step":>9} {"cpu ms":>9} {"f+b cpu":>8} {"img/s":>7} '
             f'{"GFLOP/img":>10} {"speedup":>8} {"cpu spd":>8} {"f+b spd":>8} {"FLOP x":>7} {"of FLOPs":>8} '
             f'{"cpu of F":>8}')
@@ -288,7 +294,7 @@ def main() -> None:
         figures[key] = {k: round(r[k], 4) for k in ('ms_step', 'cpu_ms_step', 'fb_cpu_ms', 'img_s', 'gflop_img',
                                                     'speedup', 'cpu_speedup', 'fb_cpu_speedup', 'flop_ratio')}
     for model, prefix in (('ours', ''), ('public', 'public_')):
-        for name, suffix in (('tiny-2', ''), ('tiny-2-16', '_16')):
+        for name, suffix in (('tiny-2', ''), ('tiny-2-16', '_16'), ('tiny-2-b8', '_b8')):
             at = [r for r in rows if r['name'] == name and r['model'] == model and r['mask'] == 0.75]
             if at:
                 figures.update({f'{prefix}{k}_075{suffix}': round(at[0][k], 4)
