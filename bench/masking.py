@@ -84,7 +84,10 @@ def parse_args() -> argparse.Namespace:
                    help="serve every allocation from glibc's heap and keep freed memory (mallopt M_MMAP_MAX=0, "
                    'M_TRIM_THRESHOLD=1 GiB): tensors allocated anew each step (activations, gradients) stop '
                    'page-faulting')
-    return p.parse_args()
+    args = p.parse_args()
+    if args.steps < 2 or args.repeats < 1:
+        p.error('--steps must be >= 2 and --repeats >= 1 (a step time is the interval between two step ends)')
+    return args
 
 
 def use_glibc_heap() -> None:

@@ -54,7 +54,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument('--warmup', type=int, default=2, help='untimed steps per mode first')
     p.add_argument('--threads', type=int, default=2, help='torch.set_num_threads for everything')
     p.add_argument('--no-latents', action='store_true', help='skip the precomputed-latents variant')
-    return p.parse_args()
+    args = p.parse_args()
+    if args.steps < 2 or args.repeats < 1:
+        p.error('--steps must be >= 2 and --repeats >= 1 (a step time is the interval between two step ends)')
+    return args
 
 
 # =============================================================================================
@@ -228,8 +231,9 @@ def report(args: argparse.Namespace, times: dict[str, list[tuple[float, float]]]
           f'{load[1]:.1f} on {os.cpu_count()} cores')
     print(f'{"mode":<18}{"wall s/step":>12}{"img/s":>8}{"wall IQR":>14}{"CPU s/step":>12}')
     for name, values in times.items():
-        q = statistics.quantiles([w for w, _ in values], n=4)
-        print(f'{name:<18}{wall[name]:>12.4f}{n / wall[name]:>8.2f}{f"{q[0]:.3f}-{q[2]:.3f}":>14}{cpu[name]:>12.4f}')
+        q = statistics.quantiles([w for w, _ in values], n=4) if len(values) > 1 else None
+        iqr = f'{q[0]:.3f}-{q[2]:.3f}' if q else '-'
+        print(f'{name:<18}{wall[name]:>12.4f}{n / wall[name]:>8.2f}{iqr:>14}{cpu[name]:>12.4f}')
     print(f'{"dataloader only":<18}{n / loader_rate:>12.4f}{loader_rate:>8.2f}   (not in the steps above)')
     if load[0] > (os.cpu_count() or 1):
         print('note: the machine was busy (load > cores); wall times then measure the scheduler more than the '
