@@ -75,6 +75,10 @@ def _scheduler(model: Any, sampler: str) -> Any:
         # timesteps; 'trailing' and 'linspace' spacings do not use steps_offset.
         raise ExportError("timestep_spacing='leading' with steps_offset != 1 cannot be exported: diffusers' SD "
                           "pipelines force steps_offset=1 when they load. Use 'trailing' (the default) or 'linspace'.")
+    if 'steps_offset' in config and config['steps_offset'] != 1:
+        # the pipeline would set it to 1 itself, printing a deprecation notice with the whole scheduler config;
+        # the other spacings never read it, so setting it first changes no timestep.
+        scheduler.register_to_config(steps_offset=1)
     return scheduler
 
 
