@@ -13,11 +13,15 @@ import importlib
 import inspect
 import types
 import typing
+import warnings
 from typing import Any, Callable, Optional, Union
 
 import torch
 from composer import algorithms as composer_algorithms
-from llmfoundry import registry as foundry_registry
+
+with warnings.catch_warnings():  # llm-foundry imports pkg_resources: its deprecation notice would open every command
+    warnings.filterwarnings('ignore', message='pkg_resources is deprecated', category=UserWarning)
+    from llmfoundry import registry as foundry_registry
 from llmfoundry.utils.registry_utils import TypedRegistry, construct_from_registry, create_registry
 
 # ---------------------------------------------------------------------------------------------
