@@ -103,7 +103,7 @@ def step_rate(out: Path, resolution: int, batch: int, steps: int) -> float:
 
     from diffusion import registry
     from diffusion.config import load_config
-    from diffusion.train import import_components
+    from diffusion.builders import import_components
     import_components()
     cfg = load_config(REPO / 'yamls' / 'tiny-cpu.yaml', [f'variables.data={out}', f'variables.resolution={resolution}',
                                                          f'model.backbone.sample_size={resolution // 4}'])

@@ -90,7 +90,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from diffusion import registry
-    from diffusion.train import import_components
+    from diffusion.builders import import_components
     import_components()  # registers models, schedules, dataloaders
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -97,7 +97,7 @@ def build_encoders() -> tuple[Any, Any]:
     same as trained) and the real all-MiniLM-L6-v2 text encoder, as a model encoding online uses them."""
     from diffusion import registry
     from diffusion.config import load_config
-    from diffusion.train import import_components
+    from diffusion.builders import import_components
     import_components()
     config = load_config(REPO / 'yamls' / 'autoencoder-mini.yaml', []).model['config']
     autoencoder = registry.build(registry.autoencoders, {'name': 'autoencoder_kl', 'config': dict(config)})

@@ -182,7 +182,7 @@ def build_model_and_loader(args: argparse.Namespace, data: str) -> tuple[Any, di
     """The model and train-loader blocks of ``yamls/tiny-cpu.yaml`` at the requested size."""
     from diffusion import registry
     from diffusion.config import load_config
-    from diffusion.train import import_components
+    from diffusion.builders import import_components
     import_components()
     cfg = load_config(REPO / 'yamls' / 'tiny-cpu.yaml', [
         f'variables.data={data}', f'variables.resolution={args.resolution}', f'train_loader.split={args.split}',

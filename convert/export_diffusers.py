@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from diffusion.export.checkpoint import WEIGHT_CHOICES, load_model
+from diffusion.checkpoints import WEIGHT_CHOICES, load_model
 from diffusion.export.to_diffusers import ExportError, export_pipeline
 
 

@@ -119,7 +119,7 @@ def calibrate(args: argparse.Namespace, data: Path, vae: Path) -> dict[str, floa
     import torch
 
     from diffusion.config import load_config
-    from diffusion.train import build_components
+    from diffusion.builders import build_components
     torch.set_num_threads(args.threads)
     setups = {}
     for name, arm in (('microdit-unmasked', 'microdit-unmasked'), ('microdit-masked', 'microdit-masked'),

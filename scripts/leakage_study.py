@@ -82,7 +82,7 @@ def train(cfg: Any) -> tuple[Any, float]:
     A run whose last checkpoint (``save_folder/latest-rank0.pt``) is already at ``max_duration`` is not trained
     again: its full state is loaded and only the validation loss is computed.
     """
-    from diffusion.train import build_trainer
+    from diffusion.training.train import build_trainer
     ckpt = Path(cfg.save_folder) / 'latest-rank0.pt'
     resumed = ckpt.exists() and not cfg.load_path
     if resumed:

@@ -27,5 +27,5 @@ def demo_photos(tmp_path_factory) -> Path:
 @pytest.fixture(scope='session', autouse=True)
 def _registered_components():
     """Register every model, schedule, dataloader and callback by name, as run.py does."""
-    from diffusion.train import import_components
+    from diffusion.builders import import_components
     import_components()

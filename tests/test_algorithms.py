@@ -9,7 +9,7 @@ import torch
 from composer.core import Callback
 
 from diffusion.config import load_config
-from diffusion.train import build_trainer
+from diffusion.training.train import build_trainer
 from test_train import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,7 +157,7 @@ def test_fsdp_wraps_only_the_trainable_backbone(yaml):
 def test_export_weights_before_a_delayed_ema_start_are_the_training_weights():
     # Before `ema_start`, composer's EMA keeps a copy of the INITIAL weights (made at Event.INIT) in every
     # checkpoint; generation and export must then use the training weights, not that copy.
-    from diffusion.export.checkpoint import model_weights
+    from diffusion.checkpoints import model_weights
     trained, initial = {'w': torch.ones(2)}, {'w': torch.zeros(2)}
     ema = {'ema_model': {'named_parameters_dict': initial, 'named_buffers_dict': {}},
            'ema_weights_active': False, 'ema_started': False}

@@ -74,7 +74,7 @@ def test_autoencoder_mini_yaml_trains_and_exports(demo_photos, tmp_path, monkeyp
 
     from diffusion import registry
     from diffusion.config import load_config
-    from diffusion.train import build_trainer
+    from diffusion.training.train import build_trainer
     monkeypatch.chdir(tmp_path)  # outputs/<run_name>/... go to the temporary folder
     cfg = load_config(REPO / 'yamls' / 'autoencoder-mini.yaml', [
         f'variables.data={demo_photos}', 'variables.resolution=32', 'variables.run_name=ae-test',

@@ -11,7 +11,7 @@ import torch
 from composer.core import Callback
 
 from diffusion.config import load_config
-from diffusion.train import build_trainer
+from diffusion.training.train import build_trainer
 from test_train import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]

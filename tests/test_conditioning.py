@@ -19,7 +19,7 @@ from diffusion.models.latent_diffusion import build_latent_diffusion
 from diffusion.models.unet import build_unet
 from diffusion.samplers import compositional_guidance
 from diffusion.schedules import DDPMSchedule, EDMSchedule, snr
-from diffusion.train import build_trainer
+from diffusion.training.train import build_trainer
 
 SCHEDULES = {'ddpm': {'name': 'ddpm', 'prediction_type': 'v_prediction'}, 'edm': {'name': 'edm'}}
 

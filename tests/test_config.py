@@ -117,7 +117,7 @@ MISTAKES = [
 
 @pytest.mark.parametrize('override,words', MISTAKES, ids=[m[0].split('=')[0] for m in MISTAKES])
 def test_every_config_mistake_is_exit_2_naming_the_key(override, words, demo_photos, capsys, repo, monkeypatch):
-    from diffusion.train import main
+    from diffusion.training.train import main
     monkeypatch.chdir(repo)
     status = main(['yamls/tiny-cpu.yaml', f'variables.data={demo_photos}', 'save_folder=null', override])
     err = capsys.readouterr().err

@@ -21,7 +21,7 @@ def _ledger(path: Path) -> tuple[list[list[str]], str]:
 
 def test_two_ranks_disjoint_samples_same_weights(demo_photos, tmp_path):
     from diffusion.callbacks.sample_ledger import weights_digest
-    from diffusion.export.checkpoint import load_checkpoint_state
+    from diffusion.checkpoints import load_checkpoint_state
     composer = Path(sys.executable).parent / 'composer'
     over = tiny_overrides(demo_photos, tmp_path, max_duration='2ba', eval_interval='2ba', save_interval='2ba') + [
         'train_loader.caption_dropout=0.0',  # the caption identifies the photo

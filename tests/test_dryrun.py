@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusion.train import main
+from diffusion.training.train import main
 
 REPO = Path(__file__).resolve().parents[1]
 # CommonCanvas (Gokaslan et al. 2024), throughput table: 11,600 img/s on 128 A100 at 256 px; stage 1 of
@@ -49,7 +49,7 @@ def test_meta_flop_count_equals_the_count_on_real_tensors():
     from torch.utils.flop_counter import FlopCounterMode
 
     from diffusion import registry
-    from diffusion.dry_run import _meta_batch, _step_flops
+    from diffusion.training.dry_run import _meta_batch, _step_flops
     block = {'name': 'latent_diffusion', 'scaling_factor': 1.0, 'noise_schedule': {'name': 'ddpm'},
              'backbone': {'name': 'unet', 'preset': 'mini-s', 'sample_size': 8}}
     info = {'latent_channels': 4, 'downsample': 4, 'text_dim': 384, 'pooled_dim': 0}

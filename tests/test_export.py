@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from diffusion.export.checkpoint import load_checkpoint_state, load_model, model_weights
+from diffusion.checkpoints import load_checkpoint_state, load_model, model_weights
 
 REPO = Path(__file__).resolve().parents[1]
 _RUNS: dict = {}
@@ -21,7 +21,7 @@ def trained_run(tmp_path_factory, demo_photos) -> Path:
     """Save folder of a 2-batch tiny-cpu run with EMA (config.yaml + composer checkpoints)."""
     if 'run' not in _RUNS:
         from diffusion.config import load_config
-        from diffusion.train import build_trainer
+        from diffusion.training.train import build_trainer
         raw = OmegaConf.to_container(OmegaConf.load(REPO / 'yamls/tiny-cpu.yaml'))
         raw['callbacks'] = {}
         raw['eval_loader'] = None
@@ -136,7 +136,7 @@ def test_export_sdxl_reproduces_generate(tmp_path):
 
     from diffusion import registry
     from diffusion.export.to_diffusers import export_pipeline
-    from diffusion.train import import_components
+    from diffusion.builders import import_components
     import_components()
     model = registry.build(registry.models, {
         'name': 'latent_diffusion', 'use_time_ids': True,

@@ -76,7 +76,7 @@ def test_generate_writes_pngs_manifest_and_sheet(gen_run):
         assert sheet.size[0] >= 2 * 32
     # An image depends on its seed only, not on its batch (it was made beside index 3; here alone): the same
     # picture up to one grey level, since a batched convolution may round the last float bit differently.
-    from diffusion.export.checkpoint import load_model
+    from diffusion.checkpoints import load_model
     model, _ = load_model(cfg.checkpoint)
     again = generate_images(model, ['coffee in a cup'], [12], guidance_scale=3.0, num_inference_steps=2,
                             sampler='ddim', height=32, width=32)[0]

@@ -256,7 +256,7 @@ def test_composer_policies_select_blocks():
 
 def test_mini_trains_with_mask_schedule_and_ema(demo_photos, tmp_path):
     from diffusion.config import load_config
-    from diffusion.train import build_trainer
+    from diffusion.training.train import build_trainer
     over = {'variables.data': str(demo_photos), 'save_folder': str(tmp_path / 'ckpt'),
             'callbacks.sample_images.folder': str(tmp_path / 'samples'),
             'callbacks.sample_images.num_inference_steps': '1', 'max_duration': '4ba', 'eval_interval': '4ba',
@@ -385,8 +385,8 @@ def test_sampling_defaults_follow_the_noise_schedule(monkeypatch, tmp_path):
     ddpm.generate(['a cat'], seed=[0], output_type='latent')
     assert seen == {'sampler': 'ddim', 'num_inference_steps': 50, 'guidance_scale': 7.5}
     # the generation CLI (run_generate.py): unset keys take the loaded model's defaults, recorded in run.json
-    from diffusion.export.checkpoint import CheckpointInfo
-    monkeypatch.setattr('diffusion.export.checkpoint.load_model', lambda *a, **k: (
+    from diffusion.checkpoints import CheckpointInfo
+    monkeypatch.setattr('diffusion.checkpoints.load_model', lambda *a, **k: (
         edm, CheckpointInfo(checkpoint='ckpt.pt', config='config.yaml', weights='training', has_ema=False)))
     prompts = tmp_path / 'prompts.txt'
     prompts.write_text('a cat\n')
@@ -407,7 +407,7 @@ def test_stages_chain_as_the_public_code(demo_photos, tmp_path):
     """Stage 2 (and 4) resume the previous stage's full state (AdamW moments, clock) under the new LR; stage 3
     loads weights only. Run at mini size with the load keys of the real stage-2 YAML."""
     from diffusion.config import load_config
-    from diffusion.train import build_trainer
+    from diffusion.training.train import build_trainer
     stage2, stage3, stage4 = (load_config(REPO / f'yamls/microdit/{n}.yaml')
                               for n in ('256-unmasked', '512-masked', '512-unmasked'))
     assert not stage2.load_weights_only and not stage4.load_weights_only and stage3.load_weights_only

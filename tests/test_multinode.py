@@ -9,7 +9,7 @@ leader picks the same first free prefix before a barrier. Two launchers on one h
 its own IPC and mount namespace, as a real node would have its own kernel: a private tmpfs on ``/dev/shm``, its own
 disk bind-mounted at one node-local path (cache, temp directory, ledger), so both nodes run the same command except
 ``--node_rank``. The checkpoint folder is shared between the nodes, as on a cluster's shared filesystem, with
-``autoresume: true`` as the recipes set it: without ``install_node_signal_files`` (diffusion/checkpointing.py) node 1
+``autoresume: true`` as the recipes set it: without ``install_node_signal_files`` (diffusion/training/composer_compat.py) node 1
 dies at start-up deleting composer's autoresume signal file that node 0 has already deleted. The rendezvous is real:
 one gloo group of world size 2 over TCP, composer counting ``num_nodes: 2``.
 """
@@ -97,7 +97,7 @@ def _run_two_nodes(tmp_path: Path, overrides: list[str], timeout: float = 600) -
 
 def test_two_nodes_train_together(demo_photos, tmp_path):
     from diffusion.callbacks.sample_ledger import weights_digest
-    from diffusion.export.checkpoint import load_checkpoint_state
+    from diffusion.checkpoints import load_checkpoint_state
     view, shared = tmp_path / 'node', tmp_path / 'shared'
     over = tiny_overrides(
         demo_photos, shared, max_duration='2ba', eval_interval='2ba', save_interval='2ba',

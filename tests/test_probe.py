@@ -120,7 +120,7 @@ def test_reconstructions_through_the_autoencoder():
     """decode(encode(x)) as images of the input's size; an autoencoder that reconstructs well scores near the input."""
     from diffusion import registry
     from diffusion.evaluation.demo_eval import _fingerprint, reconstructions
-    from diffusion.train import import_components
+    from diffusion.builders import import_components
     import_components()
     ae = registry.build(registry.autoencoders, {'name': 'autoencoder_kl', 'config': 'tiny'})
     rng = np.random.default_rng(0)
@@ -205,7 +205,7 @@ def test_demo_eval_end_to_end(tmp_path):
     from convert import commoncatalog_mini
     from diffusion.config import load_config
     from diffusion.evaluation import demo_eval
-    from diffusion.train import build_trainer
+    from diffusion.training.train import build_trainer
     catalog = tmp_path / 'cc'
     commoncatalog_mini.main(['--out', str(catalog), '--cache-dir', str(CACHE), '--sources', 'openmoji', 'twemoji',
                              '--max-per-source', '18', '--size', '32', '--workers', '1', '--eval-fraction', '0.25'])

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusion.checkpointing import checkpoint_is_complete, repair_latest_checkpoint
-from diffusion.train import main
+from diffusion.training.checkpointing import checkpoint_is_complete, repair_latest_checkpoint
+from diffusion.training.train import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,7 +94,7 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     from composer.utils import checkpoint as composer_checkpoint
 
-    from diffusion.checkpointing import install_atomic_checkpoint_writes
+    from diffusion.training.composer_compat import install_atomic_checkpoint_writes
     install_atomic_checkpoint_writes()
     target = tmp_path / 'ep0-ba1-rank0.pt'
     target.write_bytes(b'old')

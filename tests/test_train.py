@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from diffusion.config import ConfigError, load_config
-from diffusion.train import build_components, build_trainer
+from diffusion.builders import build_components
+from diffusion.training.train import build_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 

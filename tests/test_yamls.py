@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from diffusion.config import load_config, load_yaml
-from diffusion.train import build_components, fsdp_config
+from diffusion.builders import build_components, fsdp_config
 
 REPO = Path(__file__).resolve().parents[1]
 RES = 32  # pixels; the tiny autoencoder downsamples 4x: 8x8 latents

@@ -95,7 +95,7 @@ def _fingerprint(module: torch.nn.Module) -> str:
 def _load(ckpt: Path) -> tuple[Any, Any]:
     """``load_model`` (EMA weights when present), once per checkpoint: the last one serves the autoencoder
     ceiling, its own images and every guidance of the sweep."""
-    from diffusion.export.checkpoint import load_model
+    from diffusion.checkpoints import load_model
     return load_model(ckpt, weights='auto')
 
 

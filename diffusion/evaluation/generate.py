@@ -267,7 +267,7 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
     Returns:
         A summary: ``out_dir``, ``num_images``, ``num_new``, ``contact_sheet``, ``checkpoint`` info.
     """
-    from diffusion.export.checkpoint import load_model
+    from diffusion.checkpoints import load_model
     if cfg.batch_size < 1:
         raise ValueError(f'batch_size must be >= 1, got {cfg.batch_size}')
     prompts = read_prompts(cfg.prompts, cfg.prompt_column, cfg.limit)

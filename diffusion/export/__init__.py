@@ -1,2 +1,3 @@
-"""Export: ``checkpoint`` (rebuild a trained model from a composer checkpoint and its ``config.yaml``) and
-``to_diffusers`` (write it as a diffusers pipeline folder). ``convert/export_diffusers.py`` calls these."""
+"""Export: ``to_diffusers`` (write a trained model as a diffusers pipeline folder) and ``native`` (this project's
+own folder format). Models are rebuilt from a run with ``diffusion.checkpoints.load_model``;
+``convert/export_diffusers.py`` calls these."""

@@ -74,7 +74,7 @@ def load_native(folder: Union[str, Path], device: Union[str, torch.device] = 'cp
     from safetensors.torch import load_model
 
     from diffusion import registry
-    from diffusion.train import import_components
+    from diffusion.builders import import_components
     path = Path(folder)
     config = json.loads((path / CONFIG_NAME).read_text())
     if config.get('format') != FORMAT:
@@ -93,7 +93,7 @@ def export_checkpoint_native(checkpoint: Union[str, Path], out_dir: Union[str, P
                              config: Optional[Union[str, Path]] = None, weights: str = 'auto') -> Path:
     """A composer checkpoint (EMA weights by default when the run has them) -> a native export folder."""
     from diffusion.config import load_config
-    from diffusion.export.checkpoint import load_model
+    from diffusion.checkpoints import load_model
     model, info = load_model(checkpoint, config, weights)
     cfg = load_config(Path(info.config))
     return export_native(model, cfg.model, out_dir, metadata=info.as_dict())

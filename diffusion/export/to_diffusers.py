@@ -165,7 +165,7 @@ def export_pipeline(model: Any, out_dir: Union[str, Path], sampler: str = 'ddim'
     """Write a diffusers pipeline folder with safetensors weights (and ``commoncanvas_export.json``).
 
     Args:
-        model: The trained model (load it with :func:`diffusion.export.checkpoint.load_model`).
+        model: The trained model (load it with :func:`diffusion.checkpoints.load_model`).
         out_dir: Output folder (created; existing pipeline files are overwritten).
         sampler: Scheduler saved with the pipeline.
         metadata: Provenance written to ``commoncanvas_export.json`` (checkpoint, weights, sampler, ...).

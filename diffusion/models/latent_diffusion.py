@@ -270,7 +270,7 @@ class LatentDiffusion(ComposerModel):
         return self._diffusion_step(batch)
 
     def param_groups(self, optimizer_cfg: dict[str, Any]) -> list[Any]:
-        """Trainable parameters for the optimizer (``diffusion/train.py`` calls this with the optimizer block).
+        """Trainable parameters for the optimizer (``diffusion/builders.py`` calls this with the optimizer block).
 
         A backbone with mixture-of-experts layers (``moe_parameters()``, selected by module type) and a
         ``moe_lr_scale`` other than 1 gets its experts and routers in a second group at ``lr * moe_lr_scale``

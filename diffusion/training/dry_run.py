@@ -163,7 +163,7 @@ def _step_flops(cfg: TrainConfig, model: Any, info: dict[str, Any], n: int = 2) 
 def estimate(cfg: TrainConfig) -> dict[str, Any]:
     """Build everything on the meta device and return the dry-run figures (see the module docstring)."""
     from diffusion import registry
-    from diffusion.train import _build_mapping, check_components, import_components
+    from diffusion.builders import build_mapping, check_components, import_components
     import_components()
     check_components(cfg)
     throughput = _check_throughput(cfg.throughput)
@@ -179,7 +179,7 @@ def estimate(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.scheduler:
             registry.build(registry.schedulers, cfg.scheduler, 'scheduler')
         for where in ('algorithms', 'callbacks', 'loggers'):
-            _build_mapping(getattr(registry, where), getattr(cfg, where), where)
+            build_mapping(getattr(registry, where), getattr(cfg, where), where)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in params)
     flops = _step_flops(cfg, model, info)

@@ -6,7 +6,6 @@ algorithms and the callbacks that the config names. ``run.py`` calls :func:`main
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import logging
 import sys
@@ -16,62 +15,12 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from diffusion.config import ConfigError, TrainConfig, check_data_paths, cli_config, load_config, save_config
+from diffusion.builders import build_components, device_batch_size, fsdp_config
+from diffusion.config import ConfigError, TrainConfig, check_data_paths, cli_config, save_config
 
 log = logging.getLogger(__name__)
 
-__all__ = ['import_components', 'check_components', 'build_components', 'build_trainer', 'train', 'main']
-
-# Modules whose import registers components by name. Listed once, here.
-COMPONENT_MODULES = (
-    'diffusion.schedules',
-    'diffusion.models',
-    'diffusion.data.dataset',
-    'diffusion.algorithms',
-    'diffusion.callbacks',
-)
-
-
-def import_components() -> None:
-    """Import every module that registers a model, backbone, schedule, dataloader or callback."""
-    for module in COMPONENT_MODULES:
-        importlib.import_module(module)
-
-
-def _build_mapping(reg: Any, blocks: dict[str, Any], where: str) -> list[Any]:
-    """Build ``{label: {kwargs}}`` blocks (llm-foundry style); ``name:`` inside a block overrides the label."""
-    from diffusion import registry
-    built = []
-    for label, kwargs in (blocks or {}).items():
-        kwargs = dict(kwargs or {})
-        kwargs.setdefault('name', label)
-        built.append(registry.build(reg, kwargs, f'{where}.{label}'))
-    return built
-
-
-def _device_batch_size(cfg: TrainConfig, world_size: int) -> int:
-    if cfg.global_train_batch_size % world_size:
-        raise ConfigError(f'global_train_batch_size={cfg.global_train_batch_size} is not divisible by the '
-                          f'number of processes ({world_size})')
-    return cfg.global_train_batch_size // world_size
-
-
-def fsdp_config(cfg: TrainConfig) -> Any:
-    """The ``fsdp_config`` block as composer's ``FSDPConfig`` (checked on any machine), or None."""
-    if cfg.fsdp_config is None:
-        return None
-    import dataclasses
-
-    from composer.utils.parallelism import FSDPConfig
-    allowed = [f.name for f in dataclasses.fields(FSDPConfig)]
-    unknown = sorted(set(cfg.fsdp_config) - set(allowed))
-    if unknown:
-        raise ConfigError(f'fsdp_config: unknown key(s) {unknown}; composer FSDPConfig accepts {allowed}')
-    try:
-        return FSDPConfig(**cfg.fsdp_config)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f'fsdp_config: {err}') from err
-
+__all__ = ['build_trainer', 'summarize', 'train', 'main']
 
 def _check_hardware(cfg: TrainConfig) -> str:
     fsdp_config(cfg)  # a bad FSDP block is a config error here too, not only on the GPU cluster
@@ -87,66 +36,11 @@ def _check_hardware(cfg: TrainConfig) -> str:
     return device
 
 
-def check_components(cfg: TrainConfig) -> None:
-    """Check every component block (names, argument names, simple types, nested blocks) before building any.
-
-    Raises:
-        UnknownComponentError: Naming the block's key, what is wrong and what it accepts.
-    """
-    from diffusion import registry
-    registry.check(registry.models, cfg.model, 'model')
-    registry.check(registry.dataloaders, cfg.train_loader, 'train_loader', ('batch_size',))
-    if cfg.eval_loader is not None:
-        registry.check(registry.dataloaders, cfg.eval_loader, 'eval_loader', ('batch_size',))
-    registry.check(registry.optimizers, cfg.optimizer, 'optimizer', ('params',))
-    if cfg.scheduler:
-        registry.check(registry.schedulers, cfg.scheduler, 'scheduler')
-    for where in ('algorithms', 'callbacks', 'loggers'):
-        reg = getattr(registry, where)
-        for label, kwargs in (getattr(cfg, where) or {}).items():
-            registry.check(reg, {'name': label, **(kwargs or {})}, f'{where}.{label}')
-
-
-def build_components(cfg: TrainConfig, device_batch_size: int = 1) -> dict[str, Any]:
-    """Build model, dataloaders, optimizer, scheduler, algorithms, callbacks and loggers from a config.
-
-    Separate from :func:`build_trainer` so tests can build every YAML (at tiny size) without training.
-    """
-    from diffusion import registry  # imports llm-foundry (~30 s): only once the config is known to be valid
-    import_components()
-    for block, key in ((cfg.train_loader, 'train_loader'), (cfg.eval_loader or {}, 'eval_loader')):
-        if 'batch_size' in block:
-            raise ConfigError(f'{key}.batch_size: set global_train_batch_size (train) or device_eval_batch_size '
-                              '(eval) at the top level instead')
-    check_components(cfg)
-    model = registry.build(registry.models, cfg.model, 'model')
-    train_dl = registry.build(registry.dataloaders, cfg.train_loader, 'train_loader', batch_size=device_batch_size)
-    eval_dl = None
-    if cfg.eval_loader is not None:
-        eval_dl = registry.build(registry.dataloaders, cfg.eval_loader, 'eval_loader',
-                                 batch_size=cfg.device_eval_batch_size or device_batch_size)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if hasattr(model, 'param_groups'):  # e.g. MoE experts at a different learning rate
-        params = model.param_groups(cfg.optimizer)
-    optimizer = registry.build(registry.optimizers, cfg.optimizer, 'optimizer', params=params)
-    scheduler = registry.build(registry.schedulers, cfg.scheduler, 'scheduler') if cfg.scheduler else None
-    return {
-        'model': model,
-        'train_dataloader': train_dl,
-        'eval_dataloader': eval_dl,
-        'optimizers': optimizer,
-        'schedulers': scheduler,
-        'algorithms': _build_mapping(registry.algorithms, cfg.algorithms, 'algorithms'),
-        'callbacks': _build_mapping(registry.callbacks, cfg.callbacks, 'callbacks'),
-        'loggers': _build_mapping(registry.loggers, cfg.loggers, 'loggers'),
-    }
-
-
 def _kill_safe(cfg: TrainConfig, parts: dict[str, Any], rank: int) -> None:
     """Atomic checkpoint files, a checked ``latest`` before autoresume, per-batch seeds, per-node autoresume signal
-    files (diffusion/checkpointing.py)."""
-    from diffusion.checkpointing import (AdoptEarlierCheckpoints, PerBatchSeed, install_atomic_checkpoint_writes,
-                                         install_node_signal_files, repair_latest_checkpoint)
+    files (diffusion/training/checkpointing.py, composer_compat.py)."""
+    from diffusion.training.checkpointing import AdoptEarlierCheckpoints, PerBatchSeed, repair_latest_checkpoint
+    from diffusion.training.composer_compat import install_atomic_checkpoint_writes, install_node_signal_files
     install_atomic_checkpoint_writes()
     install_node_signal_files()  # several nodes autoresuming from one shared checkpoint folder
     parts['callbacks'] = parts['callbacks'] + [PerBatchSeed()]
@@ -166,7 +60,7 @@ def build_trainer(cfg: TrainConfig) -> Any:
     reproducibility.seed_all(cfg.seed)
     if dist.get_world_size() > 1 and not dist.is_initialized():
         dist.initialize_dist(get_device(device), timeout=cfg.dist_timeout)
-    parts = build_components(cfg, _device_batch_size(cfg, dist.get_world_size()))
+    parts = build_components(cfg, device_batch_size(cfg, dist.get_world_size()))
     if cfg.save_folder and '://' not in cfg.save_folder and dist.get_global_rank() == 0:
         # The resolved config beside the checkpoints: generation, evaluation and export rebuild the model from it.
         save_config(cfg, Path(cfg.save_folder.format(run_name=cfg.run_name)) / 'config.yaml')
@@ -207,7 +101,7 @@ def build_trainer(cfg: TrainConfig) -> Any:
     # The resolved config as dotted keys, for trackers (MLflow params, W&B config, ...).
     trainer.logger.log_hyperparameters(_flat(dataclasses.asdict(cfg)))
     from diffusion.algorithms.speedup_report import report_speedups
-    report_speedups(trainer, cfg.precision, _device_batch_size(cfg, dist.get_world_size()),
+    report_speedups(trainer, cfg.precision, device_batch_size(cfg, dist.get_world_size()),
                     cfg.device_train_microbatch_size, cfg.fsdp_config)
     return trainer
 
@@ -297,7 +191,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from diffusion.registry import UnknownComponentError
     try:
         if cfg.dry_run:  # build on the meta device, print parameters, FLOPs and cost; no data, no weights
-            from diffusion.dry_run import run_dry
+            from diffusion.training.dry_run import run_dry
             run_dry(cfg)
         else:
             train(cfg)

@@ -4,8 +4,8 @@ A long run is killed at any moment (SIGKILL, pre-emption, node failure) and star
 Three things make the restarted run continue exactly:
 
 * **Atomic writes.** Composer writes a checkpoint straight to its final name, so a kill mid-write leaves a
-  truncated file there. :func:`install_atomic_checkpoint_writes` makes every local checkpoint file appear
-  under its final name only once complete (write to a temporary name in the same folder, fsync, ``os.replace``).
+  truncated file there. ``composer_compat.install_atomic_checkpoint_writes`` makes every local checkpoint file
+  appear under its final name only once complete (write to a temporary name in the same folder, fsync, ``os.replace``).
 * **A checked ``latest``.** Before composer's autoresume reads ``latest-rank{rank}.pt``,
   :func:`repair_latest_checkpoint` verifies the file it points to (a zip integrity test of every record) and,
   when it is truncated, corrupt or missing, logs a warning and points ``latest`` at the newest good checkpoint.
@@ -24,7 +24,7 @@ One more fix concerns several nodes sharing a checkpoint folder (a cluster's sha
 autoresume makes local rank 0 of every node write, wait on and then delete a "signal file" in the checkpoint
 folder, under a name broadcast from rank 0, so the same name on every node. On a shared folder the second node's
 delete fails (``FileNotFoundError: ._signal_file_node0_...``) and the job dies before training.
-:func:`install_node_signal_files` appends each node's own rank to that name (``tests/test_multinode.py``).
+``composer_compat.install_node_signal_files`` appends each node's own rank to that name (``tests/test_multinode.py``).
 """
 from __future__ import annotations
 
@@ -40,58 +40,10 @@ import numpy as np
 import torch
 from composer.core import Callback, Event, State
 from composer.loggers import Logger
-from composer.utils import checkpoint as composer_checkpoint
-from composer.utils import dist as composer_dist
 
 log = logging.getLogger(__name__)
 
-__all__ = ['PerBatchSeed', 'checkpoint_is_complete', 'install_atomic_checkpoint_writes', 'install_node_signal_files',
-           'repair_latest_checkpoint']
-
-
-# =============================================================================================
-# Atomic checkpoint files
-# =============================================================================================
-_original_write = composer_checkpoint._write_checkpoint_file
-
-
-def _atomic_write_checkpoint_file(state_dict: dict[str, Any], filename: str) -> None:
-    """Composer's writer, into ``.tmp-<pid>-<name>`` beside the target, then renamed over it in one step."""
-    # The prefix keeps the extension (composer picks tar / compression from it).
-    tmp = os.path.join(os.path.dirname(filename), f'.tmp-{os.getpid()}-{os.path.basename(filename)}')
-    try:
-        _original_write(state_dict, tmp)
-        with open(tmp, 'rb') as f:  # the bytes reach the disk before the name does
-            os.fsync(f.fileno())
-        os.replace(tmp, filename)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def install_atomic_checkpoint_writes() -> None:
-    """Make composer's local checkpoint files atomic (idempotent; composer calls the writer by module name)."""
-    composer_checkpoint._write_checkpoint_file = _atomic_write_checkpoint_file
-
-
-# =============================================================================================
-# Autoresume with a checkpoint folder shared by several nodes
-# =============================================================================================
-_original_signal_file_name = composer_dist.get_node_signal_file_name
-
-
-def _node_signal_file_name(rng: Any = None) -> str:
-    """Composer's signal file name (rank 0's, the same on every rank) plus this node's own rank.
-
-    The ranks of one node still agree on the name (they wait on it together); two nodes no longer write and
-    delete the same file when the folder is shared.
-    """
-    return f'{_original_signal_file_name(rng)}-of-node{composer_dist.get_node_rank()}'
-
-
-def install_node_signal_files() -> None:
-    """Give each node its own autoresume signal file (idempotent; composer calls ``dist.<name>`` by module)."""
-    composer_dist.get_node_signal_file_name = _node_signal_file_name
+__all__ = ['AdoptEarlierCheckpoints', 'PerBatchSeed', 'checkpoint_is_complete', 'repair_latest_checkpoint']
 
 
 # =============================================================================================

@@ -162,7 +162,7 @@ def load_model(checkpoint: Union[str, Path], config: Optional[Union[str, Path]] 
     """
     from diffusion import registry
     from diffusion.config import load_config
-    from diffusion.train import import_components
+    from diffusion.builders import import_components
 
     ckpt = find_checkpoint(checkpoint)
     cfg_path = Path(config) if config is not None else ckpt.parent / 'config.yaml'
