@@ -17,10 +17,11 @@ import torch
 
 from diffusion.builders import build_components, device_batch_size, fsdp_config
 from diffusion.config import ConfigError, TrainConfig, check_data_paths, cli_config, save_config
+from diffusion.training.summary import flat, format_summary, summarize, summary_logger
 
 log = logging.getLogger(__name__)
 
-__all__ = ['build_trainer', 'summarize', 'train', 'main']
+__all__ = ['build_trainer', 'train', 'main']
 
 def _check_hardware(cfg: TrainConfig) -> str:
     fsdp_config(cfg)  # a bad FSDP block is a config error here too, not only on the GPU cluster
@@ -65,9 +66,7 @@ def build_trainer(cfg: TrainConfig) -> Any:
         # The resolved config beside the checkpoints: generation, evaluation and export rebuild the model from it.
         save_config(cfg, Path(cfg.save_folder.format(run_name=cfg.run_name)) / 'config.yaml')
     parallelism = {'fsdp': dict(cfg.fsdp_config)} if cfg.fsdp_config is not None else None
-    # Composer's in-memory logger keeps the metric history that train() writes to summary.json.
-    from composer.loggers import InMemoryLogger
-    parts['loggers'] = parts['loggers'] + [InMemoryLogger()]
+    parts['loggers'] = parts['loggers'] + [summary_logger()]
     _kill_safe(cfg, parts, dist.get_global_rank())
     trainer = Trainer(
         **parts,
@@ -99,64 +98,11 @@ def build_trainer(cfg: TrainConfig) -> Any:
         step_schedulers_every_batch=True,
     )
     # The resolved config as dotted keys, for trackers (MLflow params, W&B config, ...).
-    trainer.logger.log_hyperparameters(_flat(dataclasses.asdict(cfg)))
+    trainer.logger.log_hyperparameters(flat(dataclasses.asdict(cfg)))
     from diffusion.algorithms.speedup_report import report_speedups
     report_speedups(trainer, cfg.precision, device_batch_size(cfg, dist.get_world_size()),
                     cfg.device_train_microbatch_size, cfg.fsdp_config)
     return trainer
-
-
-def _flat(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
-    """``{'a': {'b': 1}}`` -> ``{'a.b': 1}`` (lists stay values)."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f'{prefix}{key}.'))
-        else:
-            out[f'{prefix}{key}'] = value
-    return out
-
-
-def _history(trainer: Any) -> dict[str, list[list[float]]]:
-    """Eval metrics and train loss over batches, from composer's InMemoryLogger."""
-    from composer.loggers import InMemoryLogger
-    mem = next((d for d in trainer.logger.destinations if isinstance(d, InMemoryLogger)), None)
-    if mem is None:
-        return {}
-    out = {}
-    for key, values in mem.data.items():
-        if key.startswith('metrics/') or key == 'loss/train/total':
-            out[key] = [[int(ts.batch), float(v)] for ts, v in values if isinstance(v, (int, float, torch.Tensor))]
-    return out
-
-
-def summarize(trainer: Any, seconds: float) -> dict[str, Any]:
-    """What a run did: batches, samples, time, losses and eval metrics (first and last), checkpoint."""
-    state = trainer.state
-    history = _history(trainer)
-    summary: dict[str, Any] = {
-        'run_name': state.run_name, 'batches': int(state.timestamp.batch), 'samples': int(state.timestamp.sample),
-        'epochs': int(state.timestamp.epoch), 'seconds': round(seconds, 1),
-        'last_checkpoint': str(trainer.saved_checkpoints[-1]) if trainer.saved_checkpoints else None,
-        'history': history,
-    }
-    for key, points in history.items():
-        if points:
-            summary.setdefault('first', {})[key] = points[0]
-            summary.setdefault('last', {})[key] = points[-1]
-    return summary
-
-
-def _format(summary: dict[str, Any]) -> str:
-    lines = [f"run {summary['run_name']}: {summary['batches']} batches, {summary['samples']} samples, "
-             f"{summary['epochs']} epochs in {summary['seconds']} s"]
-    for key, (batch, value) in (summary.get('last') or {}).items():
-        first_batch, first = summary['first'][key]
-        change = f' (at batch {first_batch}: {first:.4f})' if first_batch != batch else ''
-        lines.append(f'  {key} at batch {batch}: {value:.4f}{change}')
-    if summary['last_checkpoint']:
-        lines.append(f"  last checkpoint: {summary['last_checkpoint']}")
-    return '\n'.join(lines)
 
 
 def train(cfg: TrainConfig) -> Any:
@@ -169,7 +115,7 @@ def train(cfg: TrainConfig) -> Any:
     from composer.utils import dist
     if dist.get_global_rank() == 0:
         summary = summarize(trainer, time.time() - start)
-        print(_format(summary), flush=True)
+        print(format_summary(summary), flush=True)
         if cfg.save_folder and '://' not in cfg.save_folder:
             path = Path(cfg.save_folder.format(run_name=cfg.run_name)) / 'summary.json'
             path.write_text(json.dumps(summary, indent=1))
