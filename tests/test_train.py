@@ -87,13 +87,36 @@ def test_weights_only_load_into_fresh_model(first_run, demo_photos, tmp_path):
     torch.testing.assert_close(fresh.state_dict()[key], weights[key], rtol=0, atol=0)  # the weights arrived
 
 
-def test_cpu_rejects_gpu_only_settings(demo_photos, tmp_path):
-    over = tiny_overrides(demo_photos, tmp_path)
-    for extra, word in ((['precision=amp_bf16'], 'precision'), (['fsdp_config={sharding_strategy: FULL_SHARD}'],
-                                                                  'fsdp')):
-        cfg = load_config(REPO / 'yamls/tiny-cpu.yaml', over + extra)
-        with pytest.raises(ConfigError, match=word):
-            build_trainer(cfg)
+def test_cpu_rejects_gpu_only_precision(demo_photos, tmp_path, monkeypatch):
+    monkeypatch.delenv('DIFFUSION_EMULATE_GPU_PRECISION', raising=False)
+    cfg = load_config(REPO / 'yamls/tiny-cpu.yaml', tiny_overrides(demo_photos, tmp_path) + ['precision=amp_bf16'])
+    with pytest.raises(ConfigError, match='precision'):
+        build_trainer(cfg)
+
+
+def test_amp_bf16_on_cpu_with_cuda_autocast_rules(demo_photos, tmp_path, monkeypatch):
+    # DIFFUSION_EMULATE_GPU_PRECISION=1 (tests): composer's amp_bf16 runs on the CPU with CUDA autocast's dtype
+    # rules (diffusion/training/autocast_rules.py): matmuls in bf16, softmax and norms in fp32, as on a GPU.
+    from composer.core import Precision
+    monkeypatch.setenv('DIFFUSION_EMULATE_GPU_PRECISION', '1')
+    seen = {}
+
+    def inside_forward(module, args, out):
+        seen.setdefault('autocast', torch.is_autocast_enabled('cpu'))
+        seen.setdefault('dtype', torch.get_autocast_dtype('cpu'))
+        x = torch.randn(2, 3)
+        seen.setdefault('softmax', torch.softmax(x, -1).dtype)  # CUDA's rule: fp32 (CPU autocast's: bf16)
+        seen.setdefault('matmul', (x @ x.T).dtype)
+
+    over = tiny_overrides(demo_photos, tmp_path, max_duration='1ba', eval_interval='100ba') + [
+        'precision=amp_bf16', 'save_folder=null', 'callbacks.sample_images.prompts=[a cat]',
+        'callbacks.sample_images.num_inference_steps=1']
+    trainer = build_trainer(load_config(REPO / 'yamls/tiny-cpu.yaml', over))
+    trainer.state.model.backbone.register_forward_hook(inside_forward)
+    trainer.fit()
+    assert trainer.state.precision == Precision.AMP_BF16 and torch.isfinite(trainer.state.loss).all()
+    assert seen == {'autocast': True, 'dtype': torch.bfloat16, 'softmax': torch.float32, 'matmul': torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in trainer.state.model.parameters())  # fp32 master weights
 
 
 def test_run_py_reports_config_errors():

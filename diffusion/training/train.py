@@ -24,17 +24,32 @@ log = logging.getLogger(__name__)
 __all__ = ['build_trainer', 'train', 'main']
 
 def _check_hardware(cfg: TrainConfig) -> str:
+    """The device to train on; refuses a precision the device cannot run.
+
+    On a CPU composer trains in fp32 only, except under :func:`~diffusion.training.composer_compat.
+    emulate_gpu_precision_on_cpu` (tests: ``DIFFUSION_EMULATE_GPU_PRECISION=1``), which runs ``amp_bf16`` with CUDA
+    autocast's dtype rules. FSDP runs on a CPU too (gloo; ``composer_compat.install_cpu_fsdp``): slower than DDP
+    there, but the recipe's own sharding, checkpoint format and EMA paths.
+    """
+    from diffusion.training.composer_compat import gpu_precision_emulated
     fsdp_config(cfg)  # a bad FSDP block is a config error here too, not only on the GPU cluster
     device = cfg.device or ('gpu' if torch.cuda.is_available() else 'cpu')
     if device == 'gpu' and not torch.cuda.is_available():
         raise ConfigError('device: gpu was asked for, but no CUDA device is visible')
-    if device == 'cpu' and cfg.precision != 'fp32':
+    emulated = gpu_precision_emulated() and cfg.precision == 'amp_bf16'
+    if device == 'cpu' and cfg.precision != 'fp32' and not emulated:
         raise ConfigError(f'precision: {cfg.precision} needs a GPU; Composer trains on CPU in fp32 only '
                           '(override with precision=fp32)')
-    if cfg.fsdp_config is not None and not torch.cuda.is_available():
-        raise ConfigError('fsdp_config: composer FSDP needs CUDA GPUs with NCCL; it cannot run on this machine. '
-                          'Set fsdp_config=null to train with DDP (gloo on CPU).')
     return device
+
+
+def _install_compat(device: str) -> None:
+    """The composer patches every run needs (diffusion/training/composer_compat.py)."""
+    from diffusion.training import composer_compat
+    composer_compat.install_cpu_fsdp()  # no-op with a CUDA device
+    composer_compat.install_fsdp_ema_context()
+    if device == 'cpu' and composer_compat.gpu_precision_emulated():
+        composer_compat.emulate_gpu_precision_on_cpu()
 
 
 def _kill_safe(cfg: TrainConfig, parts: dict[str, Any], rank: int) -> None:
@@ -58,6 +73,7 @@ def build_trainer(cfg: TrainConfig) -> Any:
     from composer.utils import dist, get_device, reproducibility
 
     device = _check_hardware(cfg)
+    _install_compat(device)
     reproducibility.seed_all(cfg.seed)
     if dist.get_world_size() > 1 and not dist.is_initialized():
         dist.initialize_dist(get_device(device), timeout=cfg.dist_timeout)
