@@ -11,6 +11,7 @@ from composer.core import Callback
 from diffusion.config import load_config
 from diffusion.training.train import build_trainer
 from test_train import tiny_overrides
+from test_yamls import full_then_tiny, latents, tiny_vae  # noqa: F401 (fixtures: tiny VAE folder, latents)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -167,3 +168,43 @@ def test_export_weights_before_a_delayed_ema_start_are_the_training_weights():
     ema['ema_started'] = True
     weights, chosen, has_ema = model_weights(state, 'auto')
     assert chosen == 'ema' and has_ema and torch.equal(weights['w'], initial['w'])
+
+
+def _lp_norms(module):
+    from composer.algorithms.low_precision_groupnorm.low_precision_groupnorm import LPGroupNorm
+    from composer.algorithms.low_precision_layernorm.low_precision_layernorm import LPLayerNorm
+    return [m for m in module.modules() if isinstance(m, (LPGroupNorm, LPLayerNorm))]
+
+
+def test_low_precision_norms_go_into_the_backbone_only(demo_photos, tmp_path, monkeypatch):
+    # Composer's algorithms operate on the whole model: under amp_bf16 the frozen text encoder's LayerNorms and the
+    # VAE's GroupNorms were replaced by new, trainable modules that joined the optimizer.
+    monkeypatch.setenv('DIFFUSION_EMULATE_GPU_PRECISION', '1')
+    over = tiny_overrides(demo_photos, tmp_path, max_duration='1ba') + [
+        'precision=amp_bf16', 'save_folder=null', 'algorithms.low_precision_groupnorm={}',
+        'algorithms.low_precision_layernorm={}']
+    trainer = build_trainer(load_config(REPO / 'yamls/tiny-cpu.yaml', over))
+    model = trainer.state.model
+    assert _lp_norms(model.backbone), 'the backbone norms were not replaced'
+    assert not _lp_norms(model.text_encoder) and not _lp_norms(model.autoencoder)
+    assert not any(p.requires_grad for p in model.text_encoder.parameters())
+    assert not any(p.requires_grad for p in model.autoencoder.parameters())
+    optimized = {id(p) for group in trainer.state.optimizers[0].param_groups for p in group['params']}
+    assert optimized == {id(p) for p in model.backbone.parameters()}
+
+
+def test_microdit_recipe_with_two_lr_groups_takes_low_precision_layernorm(demo_photos, tiny_vae, latents, tmp_path,
+                                                                          monkeypatch):
+    # The real recipe (experts at half the LR: two parameter groups) under amp_bf16: composer's whole-model
+    # surgery raised 'Parameter groups [-1, -1] are not in the optimizer' (the text encoder's norms are in none).
+    monkeypatch.setenv('DIFFUSION_EMULATE_GPU_PRECISION', '1')
+    raw = full_then_tiny('microdit/256-masked.yaml', demo_photos, tiny_vae, latents)
+    assert 'low_precision_layernorm' in raw['algorithms'] and raw['model']['backbone']['moe_lr_scale'] == 0.5
+    raw.update(precision='amp_bf16', save_folder=str(tmp_path / 'ckpt'), max_duration='1ba')
+    raw['callbacks']['sample_images']['folder'] = str(tmp_path / 'samples')
+    trainer = build_trainer(load_config(base=raw))
+    model, groups = trainer.state.model, trainer.state.optimizers[0].param_groups
+    assert len(groups) == 2 and groups[1]['lr'] == groups[0]['lr'] * 0.5
+    assert _lp_norms(model.backbone) and not _lp_norms(model.text_encoder)
+    grouped = {id(p) for g in groups for p in g['params']}
+    assert grouped == {id(p) for p in model.backbone.parameters() if p.requires_grad}
