@@ -142,8 +142,8 @@ def test_latent_mode(latent_set):
                                           caption_dropout=1.0, shuffle=False)
     batch = _batches(spec, 1)[0]
     assert 'image' not in batch
-    assert batch['latents'].shape == (4, 4, 4, 4) and batch['latents'].dtype == torch.float32
-    assert batch['text_hidden'].shape == (4, 6, 8) and batch['text_pooled'].shape == (4, 8)
+    assert batch['latents'].shape == (4, 4, 4, 4) and batch['text_hidden'].shape == (4, 6, 8)
+    assert batch['text_pooled'].shape == (4, 8)
     assert batch['text_mask'][0].tolist() == [1, 1, 1, 0, 0, 0]
     assert batch['caption_dropped'].all() and batch['original_size'][0].tolist() == [48, 64]
     # The precomputed centre crop: 48x64 covered at side 32 -> 32x43, crop offset (0, round(11 / 2)) = (0, 6)
@@ -156,4 +156,42 @@ def test_latent_mode(latent_set):
                                           use_latents=64, shuffle=False)
     with pytest.raises(KeyError, match='latents_64'):
         _batches(spec, 1)
+    _free(spec)
+
+
+def test_latents_keep_their_stored_dtype_to_the_device(latent_set):
+    """fp16 latents and text states cross to the device as stored (half the bytes of fp32); the model casts them
+    there and gives the same loss as on fp32 batches; ``upcast: true`` gives fp32 from the workers."""
+    from diffusion.models.latent_diffusion import LatentDiffusion
+    kwargs = dict(local=str(latent_set), split='train', resolution=32, use_latents=True, shuffle=False)
+    spec = build_image_caption_dataloader(4, **kwargs)
+    stored = _batches(spec, 1)[0]
+    _free(spec)
+    spec = build_image_caption_dataloader(4, upcast=True, **kwargs)
+    upcast = _batches(spec, 1)[0]
+    _free(spec)
+    for key in ('latents', 'text_hidden', 'text_pooled'):
+        assert stored[key].dtype == torch.float16 and upcast[key].dtype == torch.float32, key
+        assert torch.equal(stored[key].float(), upcast[key])
+    assert stored['text_mask'].dtype == upcast['text_mask'].dtype == torch.float32
+    model = registry.build(registry.models, {
+        'name': 'latent_diffusion', 'scaling_factor': 0.5, 'noise_schedule': {'name': 'ddpm'}, 'use_time_ids': False,
+        'backbone': {'name': 'unet', 'preset': 'mini-s', 'sample_size': 4, 'in_channels': 4, 'out_channels': 4,
+                     'cross_attention_dim': 8}}, 'model')
+    assert isinstance(model, LatentDiffusion)
+    model.eval()
+    losses = []
+    for batch in (stored, upcast):
+        torch.manual_seed(0)
+        losses.append(model.loss(model(batch), batch))
+    assert torch.isfinite(losses[0]) and torch.equal(losses[0], losses[1])
+
+
+def test_streaming_scale_arguments_reach_streaming(latent_set):
+    """cache_limit and num_canonical_nodes (the full recipes' loaders) are passed to StreamingDataset."""
+    spec = build_image_caption_dataloader(2, local=str(latent_set), split='train', resolution=32, use_latents=True,
+                                          cache_limit='2tb', num_canonical_nodes=16, pin_memory=True)
+    dataset = spec.dataloader.dataset
+    assert dataset.cache_limit == 2 * 1024 ** 4 and dataset.num_canonical_nodes == 16
+    assert spec.dataloader.pin_memory
     _free(spec)

@@ -143,3 +143,41 @@ def test_stage_two_inherits_stage_one_and_changes_what_it_says():
     assert set(one.algorithms) < set(two.algorithms)
     assert two.model == one.model and two.optimizer == one.optimizer
     assert 'commoncatalog-nc' in nc.train_loader['remote'] and 's-nc-256' in nc.load_path
+
+
+# The full-scale recipes (GPU clusters): every training recipe outside the CPU demos.
+FULL = [n for n in YAMLS if n.startswith(('commoncanvas/', 'microdit/')) and n != 'microdit/mini-cpu.yaml'] + \
+    ['sd2-base-cc.yaml']
+
+
+def test_design_card_command_trains_commoncanvas_s():
+    """`composer run.py yamls/sd2-base-cc.yaml` (finding 10): the canonical CommonCanvas-S-C 256 px recipe, which
+    yamls/commoncanvas/s-c-256.yaml is (base:), and stage 2 and the NC recipes build on."""
+    import dataclasses
+    canonical = load_config(REPO / 'yamls/sd2-base-cc.yaml')
+    assert dataclasses.asdict(canonical) == dataclasses.asdict(load_config(REPO / 'yamls/commoncanvas/s-c-256.yaml'))
+    assert canonical.model['backbone']['preset'] == 'sd2-base' and canonical.train_loader['resolution'] == 256
+    assert canonical.max_duration == '550000ba' and canonical.global_train_batch_size == 2048
+    assert canonical.train_loader['remote'].endswith('commoncatalog-c/latents')
+
+
+@pytest.mark.parametrize('name', FULL)
+def test_full_recipes_are_set_for_gpu_clusters(name):
+    """Findings 6-9 as the recipes state them: pinned host memory; a streaming cache with a limit, outside /tmp,
+    and a fixed canonical node count; sample grids at the training resolution; MicroDiT compiled as its public
+    run; the L recipe on SHARD_GRAD_OP without activation checkpointing, as SDXL-base-256."""
+    cfg = load_config(REPO / 'yamls' / name)
+    loader = cfg.train_loader
+    assert loader.get('pin_memory') is True
+    assert loader.get('cache_limit') and loader.get('num_canonical_nodes')
+    assert not str(loader['local']).startswith('/tmp')
+    resolution = loader['resolution']
+    sample = cfg.callbacks.get('sample_images')
+    if sample is not None:
+        assert sample['height'] == sample['width'] == resolution
+    if cfg.model['name'] == 'latent_diffusion' and cfg.model['backbone']['name'] == 'microdit':
+        assert 'compile_backbone' in cfg.algorithms
+    if cfg.fsdp_config is not None:
+        assert cfg.fsdp_config['sharding_strategy'] == 'SHARD_GRAD_OP'
+        assert not cfg.fsdp_config.get('activation_checkpointing')
+    assert cfg.optimizer['name'] == 'adamw' and cfg.optimizer.get('fused') is True

@@ -20,6 +20,9 @@ Registered as ``image_caption`` in ``diffusion.registry.dataloaders``; a YAML us
       # image_key: jpg            # mosaicml/diffusion LAION and micro_diffusion image shards
       # caption_key: captions     # a list column gives one caption drawn per sample (COCO's five)
       # latents_scaled: true      # micro_diffusion's latent shards (latents_256 = VAE mean-or-sample * scale)
+      # upcast: true              # fp32 latents / text states from the workers (default: the stored fp16)
+      # cache_limit: 2tb          # streaming: evict shards beyond this (remote datasets at scale)
+      # num_canonical_nodes: 16   # streaming: fix the shuffle's node count (resumes on other node counts)
       control_dropout: 0.1       # disentangled conditioning: the model's null control (flag control_dropped)
 """
 from __future__ import annotations
@@ -124,6 +127,10 @@ class StreamingImageCaptionDataset(StreamingDataset):
             Raw-bytes latent columns require the setting, since nothing in them says which they are.
         text_length: Tokens per caption in micro_diffusion's flat ``<caption_key>_latents`` fp16 bytes
             (77 x D), read as ``text_hidden`` with an all-ones ``text_mask``.
+        upcast: Cast stored latents and text states (fp16 as convert/precompute_latents.py writes them) to fp32
+            in the loader workers. Off by default: batches keep the stored dtype, so half the bytes cross to the
+            device, and ``LatentDiffusion`` casts them to fp32 there (``batch_latents``, ``batch_conditioning``).
+            Set it for a consumer that needs fp32 host tensors.
         **kwargs: Passed to ``streaming.StreamingDataset`` (``shuffle``, ``shuffle_seed``,
             ``batch_size``, ``predownload``, ``cache_limit``, ...).
     """
@@ -145,6 +152,7 @@ class StreamingImageCaptionDataset(StreamingDataset):
                  caption_key: str = 'caption',
                  latents_scaled: bool | None = None,
                  text_length: int = 77,
+                 upcast: bool = False,
                  **kwargs: Any) -> None:
         if crop not in CROP_MODES:
             raise ValueError(f'crop must be one of {CROP_MODES}, got {crop!r}')
@@ -169,6 +177,13 @@ class StreamingImageCaptionDataset(StreamingDataset):
         self.seed = int(self.shuffle_seed if seed is None else seed)
         self.image_key, self.caption_key = image_key, caption_key
         self.latents_scaled, self.text_length = latents_scaled, int(text_length)
+        self.upcast = bool(upcast)
+
+    def _float_array(self, stored: Any) -> np.ndarray:
+        """A writable copy of a stored floating array: its own dtype, or fp32 with ``upcast``."""
+        array = np.asarray(stored)
+        dtype = np.float32 if self.upcast or not np.issubdtype(array.dtype, np.floating) else array.dtype
+        return np.array(array, dtype=dtype)
 
     @staticmethod
     def _latent_column(use_latents: bool | int | str, resolution: int) -> str | None:
@@ -226,15 +241,17 @@ class StreamingImageCaptionDataset(StreamingDataset):
                                  'by the VAE scaling factor; false if they are raw)')
             # micro_diffusion's layout: C x (res/8) x (res/8) fp16, as its own loader reshapes them.
             stored = np.frombuffer(stored, dtype=np.float16).reshape(-1, side // 8, side // 8)
-        out = {'latents': torch.from_numpy(np.asarray(stored, dtype=np.float32)),  # (C, h, w)
+        out = {'latents': torch.from_numpy(self._float_array(stored)),  # (C, h, w), stored dtype
                'latents_scaled': torch.tensor(bool(scaled))}
-        for name in ('text_hidden', 'text_mask', 'text_pooled'):
+        for name in ('text_hidden', 'text_pooled'):
             if name in row:
-                out[name] = torch.from_numpy(np.asarray(row[name], dtype=np.float32))
+                out[name] = torch.from_numpy(self._float_array(row[name]))
+        if 'text_mask' in row:  # 0/1 per token: fp32 as the model's attention masks take it (77 values)
+            out['text_mask'] = torch.from_numpy(np.asarray(row['text_mask'], dtype=np.float32))
         flat_text = row.get(f'{self.caption_key}_latents')  # micro_diffusion: (text_length x D) fp16 bytes
         if 'text_hidden' not in out and isinstance(flat_text, (bytes, bytearray)):
             hidden = np.frombuffer(flat_text, dtype=np.float16).reshape(self.text_length, -1)  # (L, D)
-            out['text_hidden'] = torch.from_numpy(hidden.astype(np.float32))
+            out['text_hidden'] = torch.from_numpy(self._float_array(hidden))
             out['text_mask'] = torch.ones(self.text_length, dtype=torch.float32)
         # Micro-conditioning of the centre crop that convert/precompute_latents.py encoded: the latent column's
         # resolution is the (square) target size; the crop offset is that of _resize_crop with frac (0.5, 0.5).
@@ -324,12 +341,15 @@ def build_image_caption_dataloader(batch_size: int,
         drop_last: Drop the last incomplete batch.
         persistent_workers: Keep workers between epochs (only with ``num_workers > 0``).
         prefetch_factor: Batches prefetched per worker (only with ``num_workers > 0``).
-        pin_memory: Pin batches in page-locked memory.
+        pin_memory: Pin batches in page-locked memory (GPU recipes: on, for asynchronous host-to-device copies).
         **dataset_kwargs: Arguments of :class:`StreamingImageCaptionDataset` (``remote``, ``local``, ``split``,
             ``resolution``, ``crop``, ``random_flip``, ``caption_dropout``, ``control_dropout``, ``use_latents``,
             ``image_key``, ``caption_key``, ``latents_scaled``, ``text_length``, ``shuffle``, ...) and through it
-            of ``StreamingDataset`` (``shuffle_seed``, ``predownload``, ``cache_limit``, ...). A name neither
-            takes is a config error (``diffusion.registry.KWARGS_TARGETS``).
+            of ``StreamingDataset`` (``shuffle_seed``, ``predownload``, ``cache_limit``, ``num_canonical_nodes``,
+            ...). At scale set ``cache_limit`` (e.g. ``2tb``: streaming evicts the least recently used shards
+            instead of filling the node's disk) and a fixed ``num_canonical_nodes`` (the shuffle is a function of
+            it, so a resume on another node count sees the same order). A name neither takes is a config error
+            (``diffusion.registry.KWARGS_TARGETS``).
 
     Returns:
         A ``composer.core.DataSpec`` whose batches are dicts (see the module docstring of

@@ -16,7 +16,10 @@ throughput (``throughput:`` in the YAML or on the command line) it turns images 
 
 Frozen encoders that load pretrained weights by name are not built (nothing can be loaded in a dry run); the
 widths they would give are the known ones below, and FLOPs are those of the trainable network on precomputed
-latents (as the CommonCanvas recipes train). The last printed line is a JSON object of the figures.
+latents (as the CommonCanvas recipes train). The recipe linter (diffusion/training/recipe_lint.py) adds per-GPU
+memory, the effective weight decay per step, microbatches per step and the streaming cache against ``cache_limit``
+for ``throughput.gpu`` x ``throughput.num_gpus`` (default: 8 H100), and prints a ``WARNING:`` line under the table
+for each thing a recipe gets wrong. The last printed line is a JSON object of the figures (``warnings`` included).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from typing import Any, Optional
 import torch
 
 from diffusion.config import ConfigError, TrainConfig
+from diffusion.training.recipe_lint import lint
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +45,7 @@ TEXT_WIDTHS = {'clip': (1024, 0), 'sdxl_clip_pair': (2048, 1280), 'minilm': (384
 # SD / SDXL VAE: 4 latent channels, 8x downsampling (used when the autoencoder is loaded by name).
 PRETRAINED_VAE = (4, 8)
 THROUGHPUT_KEYS = {'gpu': str, 'images_per_second_per_gpu': (int, float), 'num_gpus': int,
-                   'usd_per_gpu_hour': (int, float)}
+                   'usd_per_gpu_hour': (int, float), 'max_decay_per_step': (int, float)}
 
 
 def _check_throughput(block: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
@@ -54,8 +58,9 @@ def _check_throughput(block: Optional[dict[str, Any]]) -> Optional[dict[str, Any
         value = block.get(key)
         if value is not None and (not isinstance(value, tp) or isinstance(value, bool)):
             raise ConfigError(f'throughput.{key} must be {getattr(tp, "__name__", "a number")}, got {value!r}')
-    if not block.get('images_per_second_per_gpu'):
-        raise ConfigError('throughput.images_per_second_per_gpu is required (measured or published images/s per GPU)')
+    if block.get('usd_per_gpu_hour') is not None and not block.get('images_per_second_per_gpu'):
+        raise ConfigError('throughput.usd_per_gpu_hour needs throughput.images_per_second_per_gpu (measured or '
+                          'published images/s per GPU)')
     return block
 
 
@@ -180,9 +185,20 @@ def estimate(cfg: TrainConfig) -> dict[str, Any]:
             registry.build(registry.schedulers, cfg.scheduler, 'scheduler')
         for where in ('algorithms', 'callbacks', 'loggers'):
             build_mapping(getattr(registry, where), getattr(cfg, where), where)
+    # Buffers made from numpy (torch.from_numpy ignores the default device, e.g. MicroDiT's sin-cos position table)
+    # are real CPU tensors: to the meta device with the rest, or a meta forward mixes devices.
+    for module in model.modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is not None and not buf.is_meta and buf.is_floating_point():
+                module._buffers[name] = buf.to('meta')
+    # MicroDiT's expert skip sizes its work from data (a host read no meta tensor has); the GPU path runs without
+    # it (it is off under torch.compile), so the figures here are that path's.
+    if hasattr(getattr(model, 'backbone', None), 'skip_dropped_experts'):
+        model.backbone.skip_dropped_experts = False
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in params)
     flops = _step_flops(cfg, model, info)
+    per_gpu, warnings = lint(cfg, model, info, lambda n: _meta_batch(cfg, model, info, n), trainable)
     images = images_to_train(cfg)
     out: dict[str, Any] = {
         'run_name': cfg.run_name, 'parameters_total': total, 'parameters_trainable': trainable,
@@ -191,7 +207,8 @@ def estimate(cfg: TrainConfig) -> dict[str, Any]:
         'max_duration': cfg.max_duration, 'images': images,
         'train_flops_total': None if images is None else flops * images,
     }
-    if throughput:
+    out.update(per_gpu)
+    if throughput and throughput.get('images_per_second_per_gpu'):
         ips = float(throughput['images_per_second_per_gpu'])
         gpus = throughput.get('num_gpus')
         gpu_hours = None if images is None else images / ips / 3600
@@ -201,6 +218,7 @@ def estimate(cfg: TrainConfig) -> dict[str, Any]:
                    usd_per_gpu_hour=throughput.get('usd_per_gpu_hour'),
                    cost_usd=None if gpu_hours is None or throughput.get('usd_per_gpu_hour') is None
                    else gpu_hours * float(throughput['usd_per_gpu_hour']))
+    out['warnings'] = warnings
     return out
 
 
@@ -224,6 +242,8 @@ def format_table(figures: dict[str, Any]) -> str:
 def run_dry(cfg: TrainConfig) -> dict[str, Any]:
     """The ``dry_run=true`` command: print the table and, last, one JSON line of the figures."""
     figures = estimate(cfg)
-    print(format_table(figures), flush=True)
+    print(format_table({k: v for k, v in figures.items() if k != 'warnings'}), flush=True)
+    for warning in figures['warnings']:
+        print(f'WARNING: {warning}', flush=True)
     print(json.dumps(figures), flush=True)
     return figures
