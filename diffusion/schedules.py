@@ -274,6 +274,7 @@ class DDPMSchedule:
         self._shifted = shifted
         final = rescale_zero_terminal_snr(shifted) if self.zero_terminal_snr else shifted
         self.alphas_cumprod = final.to(torch.float32)  # (T,)
+        self._alphas_cumprod_on: dict[torch.device, Tensor] = {}
 
     def noise_level(self, t_in: Tensor) -> Tensor:
         """Noise level in ``[0, 1]`` (1 = pure noise) of the network's time input: ``t / (T - 1)``."""
@@ -287,7 +288,9 @@ class DDPMSchedule:
         return alphas_cumprod_from_betas(betas_fn(T, self.beta_start, self.beta_end))
 
     def _alpha_bar(self, t: Tensor) -> Tensor:
-        return self.alphas_cumprod.to(t.device)[t.long()]
+        if t.device not in self._alphas_cumprod_on:  # the table is copied to each device once, not every step
+            self._alphas_cumprod_on[t.device] = self.alphas_cumprod.to(t.device)
+        return self._alphas_cumprod_on[t.device][t.long()]
 
     def sample_times(self, n: int, *, device: torch.device | str | None = None,
                      generator: torch.Generator | None = None) -> Tensor:

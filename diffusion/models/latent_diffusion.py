@@ -100,6 +100,7 @@ class LatentDiffusion(ComposerModel):
         self.use_time_ids = use_time_ids
         self.eval_seed = eval_seed
         self._empty_text: Optional[dict[str, torch.Tensor]] = None
+        self._empty_text_on: dict[torch.device, dict[str, torch.Tensor]] = {}  # a copy per device, made once
         if empty_caption_path is not None:
             from safetensors.torch import load_file
             self._empty_text = load_file(str(Path(empty_caption_path)))
@@ -166,14 +167,22 @@ class LatentDiffusion(ComposerModel):
             raise RuntimeError('this model has no text encoder: feed precomputed `text_hidden`')
         return self.text_encoder(list(captions))
 
+    def has_empty_text(self) -> bool:
+        """Whether the empty caption's text states are available (loaded from a file, or a text encoder)."""
+        return self._empty_text is not None or self.text_encoder is not None
+
     def empty_text(self, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """Text conditioning of the empty caption, repeated ``batch_size`` times."""
-        if self._empty_text is None:
-            if self.text_encoder is None:
-                raise RuntimeError('caption dropout on precomputed text needs `empty_caption_path` '
-                                   '(written by convert/precompute_latents.py) or a text encoder')
-            self._empty_text = {k: v[0] for k, v in self.encode_text(['']).items()}
-        return {k: v.to(device).unsqueeze(0).expand(batch_size, *v.shape) for k, v in self._empty_text.items()}
+        """Text conditioning of the empty caption, repeated ``batch_size`` times. It is encoded (or loaded) once
+        and kept on each device it is asked for, so training steps copy nothing from the host."""
+        device = torch.device(device)
+        if device not in self._empty_text_on:
+            if self._empty_text is None:
+                if self.text_encoder is None:
+                    raise RuntimeError('caption dropout on precomputed text needs `empty_caption_path` '
+                                       '(written by convert/precompute_latents.py) or a text encoder')
+                self._empty_text = {k: v[0] for k, v in self.encode_text(['']).items()}
+            self._empty_text_on[device] = {k: v.to(device) for k, v in self._empty_text.items()}
+        return {k: v.unsqueeze(0).expand(batch_size, *v.shape) for k, v in self._empty_text_on[device].items()}
 
     def batch_latents(self, batch: dict[str, Any]) -> torch.Tensor:
         if 'latents' in batch:
@@ -189,12 +198,17 @@ class LatentDiffusion(ComposerModel):
         if 'text_hidden' in batch:
             cond = {k: batch[k].float() if k != 'text_mask' else batch[k] for k in TEXT_KEYS if k in batch}
             dropped = batch.get('caption_dropped')
-            if dropped is not None and bool(dropped.any()):
+            # Rows are swapped with torch.where whether any was dropped or not: a branch on the flags would read
+            # them on the host (a device sync every step). Only a model without an empty caption reads them, to
+            # refuse a batch with a dropped row.
+            if dropped is not None and self.has_empty_text():
                 empty = self.empty_text(len(dropped), cond['text_hidden'].device)
                 keep = ~dropped.bool()
                 for key in cond:
                     shape = (-1,) + (1,) * (cond[key].dim() - 1)
                     cond[key] = torch.where(keep.view(shape), cond[key], empty[key].to(cond[key].dtype))
+            elif dropped is not None and bool(dropped.any()):
+                self.empty_text(len(dropped), cond['text_hidden'].device)  # raises, naming what is missing
         else:
             cond = self.encode_text(batch['caption'])
         return self._backbone_kwargs(self.pad_text(cond), batch)
@@ -236,7 +250,7 @@ class LatentDiffusion(ComposerModel):
             h, w = size if size is not None else (0, 0)
             values = generation_controls(n, h, w, controls)
         dropped = batch.get('control_dropped') if batch is not None else None
-        dropped = torch.zeros(n, dtype=torch.bool) if dropped is None else dropped.bool()
+        dropped = torch.zeros(n, dtype=torch.bool, device=device) if dropped is None else dropped.bool()
         return {'controls': values.to(device, torch.float32), 'control_dropped': dropped.to(device)}
 
     def call_backbone(self, x_in: torch.Tensor, t_in: torch.Tensor, cond: dict[str, torch.Tensor],

@@ -214,7 +214,12 @@ class ExpertChoiceMoE(nn.Module):
         """``x`` (N, T, D) -> (N, T, D). ``active`` (N, T) bool: the caller keeps only these tokens' outputs
         (deferred masking drops the others right after this layer). Routing still sees every token, so each
         expert picks the same tokens as without it, but only (expert, token) pairs with an active token are
-        computed; inactive tokens' outputs are 0. Active tokens' outputs and every gradient are unchanged."""
+        computed; inactive tokens' outputs are 0. Active tokens' outputs and every gradient are unchanged. The
+        padded width is the busiest expert's count of active picks, read on the host: on an accelerator that is a
+        device-to-host sync, so MicroDiT passes ``active`` only for CPU tensors.
+
+        Under autocast the router's softmax may run in fp32 (CUDA autocast does, CPU autocast does not): the gated
+        expert outputs are then fp32 and are summed over experts in fp32; the result has the dtype of ``x``."""
         n, t, d = x.shape
         e = self.num_experts
         g, idx = self.route(x)  # (N, E, k)
@@ -232,8 +237,9 @@ class ExpertChoiceMoE(nn.Module):
         flat = x.reshape(n * t, d)
         h = flat.index_select(0, rows).view(e, -1, d)  # (E, M, D)
         h = F.gelu(torch.bmm(h, self.w1))  # (E, M, F)
-        h = torch.bmm(h, self.w2) * gates.unsqueeze(-1)  # (E, M, D), gated
-        return flat.new_zeros(n * t, d).index_add(0, rows, h.view(-1, d)).view(n, t, d)  # (N, T, D)
+        h = torch.bmm(h, self.w2) * gates.unsqueeze(-1)  # (E, M, D), gated, in the promoted dtype of the two
+        out = h.new_zeros(n * t, d).index_add(0, rows, h.view(-1, d))  # (N*T, D), summed over experts
+        return out.view(n, t, d).to(x.dtype)  # (N, T, D)
 
     def init_weights(self, out_std: float) -> None:
         nn.init.trunc_normal_(self.gate.weight, std=0.02)

@@ -244,7 +244,8 @@ class MicroDiT(nn.Module):
         self.config = cfg = config
         self.mask_ratio = cfg.mask_ratio
         self.moe_lr_scale = cfg.moe_lr_scale
-        self.skip_dropped_experts = True  # False: the last mixer block computes experts for every token
+        # The last mixer block's experts skip the tokens masking drops, on CPU tensors only (see forward).
+        self.skip_dropped_experts = True
         dim, eps, p = cfg.dim, cfg.norm_eps, cfg.patch_size
         self.x_embedder = nn.Conv2d(cfg.in_channels, dim, kernel_size=p, stride=p)
         grid = cfg.input_size // p
@@ -401,9 +402,11 @@ class MicroDiT(nn.Module):
             x = self.patch_mixer_map_xin(x)  # (N, T, D_mixer)
             y_mixer = self.patch_mixer_map_y(y)  # (N, L, D_mixer)
             # The last mixer block's experts compute only tokens that masking keeps (the public code computes all
-            # and drops 3/4 of them): same routing, same kept outputs and gradients, less work. Not under
-            # torch.compile: the padded width is data-dependent (a graph break, an error with fullgraph).
-            skip = masked and self.skip_dropped_experts and not torch.compiler.is_compiling()
+            # and drops 3/4 of them): same routing, same kept outputs and gradients, less work. Its padded width
+            # is data-dependent, read on the host: done for CPU tensors only, where that read is free; on a GPU
+            # it would be a device sync every step, and under torch.compile a graph break.
+            skip = masked and self.skip_dropped_experts and x.device.type == 'cpu' \
+                and not torch.compiler.is_compiling()
             active = mask == 0 if skip else None  # (N, T) bool
             for i, block in enumerate(self.patch_mixer):
                 x = block(x, y_mixer, c, text_mask, active if i == len(self.patch_mixer) - 1 else None)

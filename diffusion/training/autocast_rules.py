@@ -16,6 +16,11 @@ CPU autocast::
     with cuda_autocast_rules(enter_autocast=False):  # only the rules; they apply wherever CPU autocast
         trainer.fit()                                 # is enabled inside (e.g. a torch.autocast('cpu') region)
 
+Code that asks whether GPU autocast is on (``torch.is_autocast_enabled()`` without a device, which means CUDA, and
+``torch.get_autocast_gpu_dtype()``, as composer's ``low_precision_layernorm``/``groupnorm`` do) gets the CPU
+autocast state and dtype inside the block, so such code takes its GPU branch; the two torch functions are
+swapped for the block's duration and restored after it.
+
 The rules are looked up when each op is called: they follow the current CPU autocast state and dtype, so a
 ``torch.autocast('cpu', enabled=False)`` region inside runs untouched, as a disabled CUDA autocast region would.
 
@@ -82,6 +87,9 @@ _FP32_INTERPOLATE_MODES = ('nearest', 'nearest-exact', 'linear', 'bilinear', 'bi
 _PAD_MODES_CPU_ONLY = ('reflect', 'replicate')
 
 _NAMESPACES = (torch, torch.Tensor, F, torch._C._nn, torch.linalg, torch.special)
+# torch's own autocast queries (the context manager swaps the module attributes for GPU-autocast answers).
+_is_autocast_enabled = torch.is_autocast_enabled
+_get_autocast_dtype = torch.get_autocast_dtype
 
 
 def _functions(names: tuple[str, ...]) -> frozenset:
@@ -126,9 +134,9 @@ class CudaAutocastRules(TorchFunctionMode):
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if not torch.is_autocast_enabled('cpu'):
+        if not _is_autocast_enabled('cpu'):
             return func(*args, **kwargs)
-        low = torch.get_autocast_dtype('cpu')
+        low = _get_autocast_dtype('cpu')
         if func in _BANNED_FUNCS:
             raise RuntimeError('binary_cross_entropy is unsafe to autocast and CUDA autocast refuses it; '
                                'use binary_cross_entropy_with_logits (emulated CUDA autocast rule)')
@@ -169,9 +177,29 @@ def cuda_autocast_rules(dtype: torch.dtype = torch.bfloat16, enter_autocast: boo
             rules apply only inside CPU autocast regions the code under test opens itself.
 
     The mode is thread-local, as autocast is: ops run by other threads (data loader workers) are not affected.
+    The GPU-autocast queries are module attributes of ``torch``, answered for every thread while the block runs.
     """
     with contextlib.ExitStack() as stack:
         if enter_autocast:
             stack.enter_context(torch.autocast('cpu', dtype=dtype))
+        stack.enter_context(_gpu_autocast_queries_answered_by_cpu())
         stack.enter_context(CudaAutocastRules())
         yield
+
+
+def _is_gpu_or_given_autocast_enabled(device_type: str | None = None) -> bool:
+    return _is_autocast_enabled('cpu' if device_type is None else device_type)
+
+
+def _get_gpu_autocast_dtype() -> torch.dtype:
+    return _get_autocast_dtype('cpu')
+
+
+@contextlib.contextmanager
+def _gpu_autocast_queries_answered_by_cpu() -> Iterator[None]:
+    saved = torch.is_autocast_enabled, torch.get_autocast_gpu_dtype
+    torch.is_autocast_enabled, torch.get_autocast_gpu_dtype = _is_gpu_or_given_autocast_enabled, _get_gpu_autocast_dtype
+    try:
+        yield
+    finally:
+        torch.is_autocast_enabled, torch.get_autocast_gpu_dtype = saved
