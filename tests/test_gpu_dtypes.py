@@ -97,15 +97,18 @@ def test_rules_follow_the_autocast_state_and_keep_gradients():
 
 
 def test_gpu_autocast_queries_see_cpu_autocast_inside_the_block():
-    """composer's low_precision_layernorm asks torch.is_autocast_enabled() (CUDA's): inside the block it runs in
-    bf16 as on a GPU."""
+    """composer's low_precision_layernorm/groupnorm ask torch.is_autocast_enabled() (CUDA's): inside the block
+    they run in bf16 as on a GPU."""
+    from composer.algorithms.low_precision_groupnorm.low_precision_groupnorm import LPGroupNorm
     from composer.algorithms.low_precision_layernorm.low_precision_layernorm import LPLayerNorm
     norm = LPLayerNorm(8)
     assert not torch.is_autocast_enabled()
     with cuda_autocast_rules():
         assert torch.is_autocast_enabled() and torch.get_autocast_gpu_dtype() == BF16
-        assert norm(_x(2, 8)).dtype == BF16
+        assert norm(_x(2, 8)).dtype == BF16 and LPGroupNorm(2, 4)(_x(2, 4, 3)).dtype == BF16
         assert torch.nn.LayerNorm(8)(_x(2, 8)).dtype == FP32
+        with torch.autocast('cpu', enabled=False):
+            assert not torch.is_autocast_enabled() and norm(_x(2, 8)).dtype == FP32
     assert not torch.is_autocast_enabled() and norm(_x(2, 8)).dtype == FP32
 
 
