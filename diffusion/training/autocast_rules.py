@@ -13,8 +13,11 @@ CPU autocast::
         loss = model.loss(model(batch), batch)  # softmax -> fp32, linear -> bf16, as on a GPU
     loss.backward()
 
-    with cuda_autocast_rules(enter_autocast=False):  # only the rules; they apply wherever CPU autocast
-        trainer.fit()                                 # is enabled inside (e.g. a torch.autocast('cpu') region)
+    with cuda_autocast_rules(enter_autocast=False):  # only the rules, wherever the code under test enables
+        run_code_that_opens_its_own_cpu_autocast()    # CPU autocast itself
+
+Composer refuses ``precision: amp_bf16`` on CPU; a CPU ``Trainer.fit`` keeps ``fp32`` and runs inside
+``cuda_autocast_rules()`` to take the bf16 path.
 
 Code that asks whether GPU autocast is on (``torch.is_autocast_enabled()`` without a device, which means CUDA, and
 ``torch.get_autocast_gpu_dtype()``, as composer's ``low_precision_layernorm``/``groupnorm`` do) gets the CPU
@@ -40,7 +43,7 @@ https://pytorch.org/docs/2.7/amp.html#cuda-ops-that-can-autocast-to-float32):
 - ``binary_cross_entropy`` is banned under CUDA autocast and raises here too.
 
 Ops CPU autocast casts and CUDA does not (CPU's ``index_copy`` promotion, ``reflect``/``replicate`` padding,
-3-D pools, ``binary_cross_entropy``) run with CPU autocast off, in their input dtype as on a GPU.
+3-D pools, ``grid_sample``) run with CPU autocast off, in their input dtype as on a GPU.
 
 The rules are applied to the public functions Python code calls (``torch.softmax``, ``Tensor.softmax``,
 ``F.softmax``, ``x ** 2``, ...) by a :class:`torch.overrides.TorchFunctionMode`. Composite functions written in
