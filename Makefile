@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_PHOTOS := data/demo_photos/eval/index.json
 CATALOG_CACHE := data/cache/.catalog-packages
 
-.PHONY: install test demo lock clean
+.PHONY: install test demo lock clean gpu-check
 
 install: $(STAMP) $(DEMO_PHOTOS)
 
@@ -47,6 +47,14 @@ test: install $(CATALOG_CACHE)
 
 demo: install
 	$(PYTHON) scripts/demo.py $(DEMO_ARGS)
+
+# Every full recipe at reduced width for ~20 steps on one CUDA GPU (bf16 autocast, FSDP over one process, SDPA,
+# compile where the recipe asks): step time, peak memory, MFU, loss; exit 1 on any failure, 2 without a GPU.
+# Runs with the machine's own python and torch (no install: `make install` would pin torch); the packages it
+# lacks come as wheels: GPU_CHECK_ARGS='--wheels DIR' (scripts/gpu_check.py --download-wheels DIR fetches them).
+GPU_PY ?= python3
+gpu-check:
+	$(GPU_PY) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs data
