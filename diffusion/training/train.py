@@ -21,7 +21,7 @@ from diffusion.training.summary import flat, format_summary, summarize, summary_
 
 log = logging.getLogger(__name__)
 
-__all__ = ['build_trainer', 'train', 'main']
+__all__ = ['build_trainer', 'train', 'main', 'place_unsharded_parts']
 
 def _check_hardware(cfg: TrainConfig) -> str:
     """The device to train on; refuses a precision the device cannot run.
@@ -50,6 +50,31 @@ def _install_compat(device: str) -> None:
     composer_compat.install_fsdp_ema_context()
     if device == 'cpu' and composer_compat.gpu_precision_emulated():
         composer_compat.emulate_gpu_precision_on_cpu()
+
+
+def place_unsharded_parts(model: torch.nn.Module, device: torch.device) -> None:
+    """Move every parameter and buffer of ``model`` that no FSDP module holds to ``device``.
+
+    Composer moves the whole model to the training device only without a parallelism config; under FSDP it wraps
+    each child of the ComposerModel (``device_id`` moves the wrapped backbone) and leaves the children marked
+    ``_fsdp_wrap = False`` where they were built: the frozen VAE and text encoder stayed on the CPU, so the first
+    dropped caption (encoded on the CPU, in fp32, against bf16 GPU activations) and ``generate()`` failed.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    def move(module: torch.nn.Module) -> None:
+        if isinstance(module, FullyShardedDataParallel):
+            return  # FSDP placed its own (sharded) parameters
+        if not any(isinstance(m, FullyShardedDataParallel) for m in module.modules()):
+            module.to(device)
+            return
+        for param in module.parameters(recurse=False):  # a module around FSDP units: its own tensors, then below
+            param.data = param.data.to(device)
+        for name, buffer in module.named_buffers(recurse=False):
+            setattr(module, name, buffer.to(device))
+        for child in module.children():
+            move(child)
+    move(model)
 
 
 def _kill_safe(cfg: TrainConfig, parts: dict[str, Any], rank: int) -> None:
@@ -113,6 +138,8 @@ def build_trainer(cfg: TrainConfig) -> Any:
         python_log_level=cfg.python_log_level,
         step_schedulers_every_batch=True,
     )
+    if trainer.state.fsdp_enabled:
+        place_unsharded_parts(trainer.state.model, trainer.state.device.tensor_to_device(torch.empty(0)).device)
     # The resolved config as dotted keys, for trackers (MLflow params, W&B config, ...).
     trainer.logger.log_hyperparameters(flat(dataclasses.asdict(cfg)))
     from diffusion.algorithms.speedup_report import report_speedups
