@@ -107,3 +107,42 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
         composer_checkpoint._write_checkpoint_file({'x': 1}, str(target))
     assert target.read_bytes() == b'old', 'a half-written file took the final name'
     assert sorted(p.name for p in tmp_path.iterdir()) == ['ep0-ba1-rank0.pt']
+
+
+def test_large_checkpoint_check_reads_record_headers_not_tensor_data(tmp_path):
+    """Finding 9: rank 0 checked a 12-16 GB checkpoint by CRC of every byte while the other ranks waited against the
+    dist timeout. Above `full_check_bytes` (1 GB) the check reads the zip's central directory and each record's
+    local header only: a truncated file or a broken record is still caught, tensor bytes are not read."""
+    import zipfile
+    path = tmp_path / 'ep1-ba6-rank0.pt'
+    torch.save({'state': {'x': torch.arange(100_000), 'y': torch.ones(50_000)}}, path)
+    raw = path.read_bytes()
+    with zipfile.ZipFile(path) as archive:
+        info = max(archive.infolist(), key=lambda i: i.compress_size)  # the largest tensor's storage
+    with open(path, 'rb') as f:  # its data starts after the 30-byte local header, the name and the extra field
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = int.from_bytes(f.read(2), 'little'), int.from_bytes(f.read(2), 'little')
+    data_start = info.header_offset + 30 + name_len + extra_len
+    structural = {'full_check_bytes': 0}  # what a file over the limit gets
+    assert checkpoint_is_complete(path) and checkpoint_is_complete(path, **structural)
+
+    def variant(data: bytes) -> Path:
+        path.write_bytes(data)
+        return path
+    # A flipped bit inside tensor data: only the full check (CRCs) reads those bytes.
+    flipped = bytearray(raw)
+    flipped[data_start + info.compress_size // 2] ^= 0xFF
+    assert not checkpoint_is_complete(variant(bytes(flipped)))
+    assert checkpoint_is_complete(variant(bytes(flipped)), **structural)
+    # A broken record header, a truncated file, bytes lost in the middle: caught without reading the data.
+    broken = bytearray(raw)
+    broken[info.header_offset:info.header_offset + 4] = b'XXXX'
+    assert not checkpoint_is_complete(variant(bytes(broken)), **structural)
+    assert not checkpoint_is_complete(variant(raw[:len(raw) - 100]), **structural)
+    assert not checkpoint_is_complete(variant(raw[:data_start] + raw[data_start + 4096:]), **structural)
+    # repair_latest_checkpoint passes the limit on: the file over it is kept, the broken one set aside.
+    variant(bytes(flipped))
+    assert repair_latest_checkpoint(str(tmp_path), full_check_bytes=0) == path
+    variant(bytes(broken))
+    assert repair_latest_checkpoint(str(tmp_path), full_check_bytes=0) is None
+    assert (tmp_path / 'ep1-ba6-rank0.pt.corrupt').exists()

@@ -55,12 +55,15 @@ def export_native(model: Any, model_config: dict[str, Any], out_dir: Union[str, 
     """
     from omegaconf import OmegaConf
     from safetensors.torch import save_model
+
+    from diffusion.models.frozen_state import include_frozen_parts
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     block = OmegaConf.to_container(OmegaConf.create(dict(model_config)), resolve=True)
     if generation is None:
         generation = sampling_defaults(model)
-    save_model(model, str(out / WEIGHTS_NAME))  # handles tied/shared tensors; metrics hold no persistent state
+    with include_frozen_parts(model):  # the folder is complete: encoders too (checkpoints leave them out)
+        save_model(model, str(out / WEIGHTS_NAME))  # handles tied/shared tensors; metrics hold no persistent state
     config = {'format': FORMAT, 'version': 1, 'model': block, 'generation': dict(generation),
               'scaling_factor': model.scaling_factor, 'backbone': type(model.backbone).__name__,
               'metadata': metadata or {}}

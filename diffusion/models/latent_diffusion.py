@@ -27,6 +27,7 @@ from torchmetrics import MeanMetric, Metric
 from diffusion import registry
 from diffusion.models.conditioning import (adapt_position_entries, batch_controls, generation_controls,
                                            noisy_replicate_padding)
+from diffusion.models.frozen_state import fill_in_frozen_parts, leave_out_frozen_parts
 from diffusion.samplers import (STOCHASTIC_SAMPLERS, Generators, compositional_guidance, generators_for, guidance,
                                 sample)
 
@@ -111,6 +112,9 @@ class LatentDiffusion(ComposerModel):
             self.register_buffer('resolution_record', torch.tensor([base, resolution]))  # saved in checkpoints
             self._shift_schedule(base)
             self.register_load_state_dict_pre_hook(self._adapt_resolution)
+        # The frozen encoders stay out of checkpoints and are rebuilt from the config (models/frozen_state.py).
+        self.register_state_dict_post_hook(leave_out_frozen_parts)
+        self.register_load_state_dict_pre_hook(fill_in_frozen_parts)
 
     # ------------------------------------------------------------------ resolution transfer
     def _shift_schedule(self, base: int) -> str:
