@@ -61,13 +61,33 @@ VAE_DOWNSAMPLE = 4  # the tiny VAE; the recipes' VAEs downsample 8x
 # Peak dense bf16 tensor FLOP/s (vendor datasheets, without sparsity), matched against the device name.
 PEAK_BF16 = (('H200', 989.4e12), ('H100 PCIe', 756.0e12), ('H100', 989.4e12), ('A100', 312.0e12),
              ('L40S', 362.0e12), ('L4', 121.0e12), ('A10G', 70.0e12), ('RTX 4090', 165.2e12))
-# What the training imports need beyond a GPU machine's own packages (torch, numpy, transformers, huggingface-hub,
-# safetensors, tokenizers, pillow, scikit-image, ... are there): versions of requirements/lock.txt.
-CARRIED = ('mosaicml==0.32.1', 'mosaicml-streaming==0.12.0', 'diffusers==0.35.2', 'omegaconf==2.3.0',
-           'antlr4-python3-runtime==4.9.3', 'open_clip_torch==3.3.0', 'ftfy==6.3.1', 'wcwidth==0.2.14',
-           'llm-foundry==0.22.0', 'catalogue==2.0.10', 'coolname==2.2.0', 'importlib-metadata==8.7.0',
-           'mosaicml-cli==0.7.3', 'python-snappy==0.7.3', 'cramjam==2.11.0', 'zstd==1.5.7.2',
-           'azure-identity==1.27.0')
+# What the training imports need beyond a GPU machine's own packages, at requirements/lock.txt's versions: every
+# distribution of a module loaded by a CPU rehearsal (``--device cpu``, sys.modules mapped through
+# importlib.metadata.packages_distributions()), less those the GPU image ships (devices' KINDS.md list: torch,
+# numpy, scipy, pandas, pyarrow, pillow, PyYAML, requests, ...). transformers, tokenizers, huggingface-hub,
+# accelerate and torchmetrics are carried although the image has them: its versions (transformers 5) are newer
+# than what diffusers 0.34 / composer 0.32 were written against. open_clip_torch ships the CLIP BPE vocabulary.
+# Never carried: torch, torchvision, triton, xformers, numpy (nor setuptools' vendored packages).
+CARRIED = (
+    'GitPython==3.1.44', 'PyNaCl==1.6.2', 'accelerate==1.8.1', 'annotated-types==0.8.0',
+    'antlr4-python3-runtime==4.9.3', 'backoff==2.2.1', 'bcrypt==5.0.0',
+    'beautifulsoup4==4.15.0', 'boto3==1.44.5', 'botocore==1.44.5', 'brotli==1.2.1', 'cachetools==5.5.2',
+    'catalogue==2.0.10', 'cffi==2.1.1', 'coolname==2.2.0', 'cramjam==2.14.0', 'cryptography==50.0.2',
+    'databricks-sdk==0.156.0', 'datasets==3.6.0', 'defusedxml==0.7.1', 'diffusers==0.34.0', 'dill==0.3.8',
+    'gitdb==4.0.12', 'google-api-core==2.33.0', 'google-auth==2.62.2', 'google-cloud-core==2.8.0',
+    'google-cloud-storage==2.10.0', 'google-resumable-media==2.11.0', 'googleapis-common-protos==1.75.0',
+    'gql==3.5.3', 'graphql-core==3.2.6', 'huggingface-hub==0.33.5', 'importlib_metadata==8.9.0',
+    'jmespath==1.1.0',
+    'llm-foundry==0.22.0', 'mlflow==2.22.5', 'mlflow-skinny==2.22.5', 'mosaicml==0.32.1',
+    'mosaicml-cli==0.7.5', 'mosaicml-streaming==0.12.0', 'multiprocess==0.70.16', 'omegaconf==2.3.1',
+    'open_clip_torch==3.3.0', 'opentelemetry-api==1.45.2', 'opentelemetry-sdk==1.45.2',
+    'opentelemetry-semantic-conventions==0.66b2', 'paramiko==3.5.1', 'platformdirs==4.14.7',
+    'prompt_toolkit==3.0.53', 'pyOpenSSL==26.4.0', 'pydantic==2.14.3', 'pydantic_core==2.50.4', 'pynvml==11.5.3',
+    'python-snappy==0.7.3', 'pytz==2026.6', 'questionary==1.10.0', 'ruamel.yaml==0.19.1', 's3transfer==0.19.3',
+    'smmap==5.0.3', 'soupsieve==2.10', 'sqlparse==0.6.1', 'tenacity==9.2.1', 'tokenizers==0.21.4',
+    'torchmetrics==1.7.4', 'transformers==4.51.3', 'typing-inspection==0.4.5', 'validators==0.36.0',
+    'wcwidth==0.9.4', 'websockets==11.0.3', 'zstd==1.5.7.2',
+)
 
 
 def recipe_res(raw: dict[str, Any]) -> int:
@@ -79,7 +99,7 @@ def tiny_res(full_res: int, mode: str) -> int:
     return 32 if mode == 'tiny' else full_res * VAE_DOWNSAMPLE // 8
 
 
-def _shrink_model(model: dict[str, Any], assets: dict[str, Any], mode: str) -> None:
+def _shrink_model(model: dict[str, Any], assets: dict[str, Any], mode: str, res: int) -> None:
     if model.get('name') == 'autoencoder_kl_training':
         cfg = model['config']
         scale = 4 if mode == 'tiny' else 2
@@ -98,6 +118,8 @@ def _shrink_model(model: dict[str, Any], assets: dict[str, Any], mode: str) -> N
     if backbone.get('attention') == 'xformers' and mode == 'tiny':  # CUDA only
         backbone['attention'] = 'sdpa'
     backbone.update(WIDTHS[mode].get(backbone.get('preset'), {}))
+    if 'sample_size' in backbone:  # the latent side the position table is built for, as in the full recipe
+        backbone['sample_size'] = res // VAE_DOWNSAMPLE
 
 
 def _short_times(raw: dict[str, Any], start: int, steps: int) -> None:
@@ -135,7 +157,7 @@ def shrink(name: str, assets: dict[str, Any], out: Path, *, mode: str = 'tiny', 
     raw = OmegaConf.to_container(load_yaml(REPO / 'yamls' / name), resolve=False)
     res = tiny_res(recipe_res(raw), mode)
     raw.setdefault('variables', {}).update(run_name=Path(name).stem, resolution=res)
-    _shrink_model(raw['model'], assets, mode)
+    _shrink_model(raw['model'], assets, mode, res)
     data = assets['photos']
     if raw['train_loader'].get('use_latents') not in (None, False):
         data = assets['latents'](raw['model'].get('text_encoder') or {'name': 'minilm'}, res)
