@@ -23,6 +23,7 @@ a separate folder put first on ``sys.path`` (the script re-executes itself), so 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -155,7 +156,9 @@ def shrink(name: str, assets: dict[str, Any], out: Path, *, mode: str = 'tiny', 
     full = load_config(REPO / 'yamls' / name)  # the recipe validates as written
     fsdp_config(full)
     raw = OmegaConf.to_container(load_yaml(REPO / 'yamls' / name), resolve=False)
-    res = tiny_res(recipe_res(raw), mode)
+    res = recipe_res(raw)
+    if mode == 'tiny' or raw['train_loader'].get('use_latents') not in (None, False):
+        res = tiny_res(res, mode)  # pixel recipes (the autoencoder) keep their resolution on the GPU
     raw.setdefault('variables', {}).update(run_name=Path(name).stem, resolution=res)
     _shrink_model(raw['model'], assets, mode, res)
     data = assets['photos']
@@ -240,15 +243,20 @@ def peak_flops(device_name: str) -> Optional[float]:
 
 
 def step_flops(model: Any, batch: dict[str, Any], precision_ctx: Any) -> int:
-    """FLOPs of one training step (forward, loss, backward) on ``batch``; gradients are cleared afterwards."""
+    """FLOPs of one training step (forward, loss, backward) on ``batch``; gradients are cleared afterwards.
+
+    Counted eagerly (``force_eager``): a compiled backbone is neither compiled for the counter nor hidden from it.
+    """
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)
-    with counter, precision_ctx:
-        outputs = model(batch)
-        loss = model.loss(outputs, batch)
-        loss = loss['total'] if isinstance(loss, dict) else loss
-    with counter:
-        loss.backward()
+    with torch.compiler.set_stance('force_eager'):
+        with counter, precision_ctx:
+            outputs = model(batch)
+            loss = model.loss(outputs, batch)
+            loss = loss['total'] if isinstance(loss, dict) else loss
+        with counter:
+            loss.backward()
     model.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())
 
@@ -300,11 +308,16 @@ def run_one(name: str, assets: dict[str, Any], out: Path, device: str, steps: in
     step_s = statistics.median(steady)
     peak = peak_flops(torch.cuda.get_device_name()) if device == 'gpu' else None
     ckpt = Path(cfg.save_folder) / 'latest-rank0.pt'
-    parents[name] = (str(ckpt), int(trainer.state.timestamp.batch))
+    batches = int(trainer.state.timestamp.batch)
+    parents[name] = (str(ckpt.resolve()), batches)
     trainer.close()
+    peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device == 'gpu' else None
+    del trainer, model, batch0
+    gc.collect()  # the next recipe's peak memory is its own
+    if device == 'gpu':
+        torch.cuda.empty_cache()
     return {'recipe': name, 'ok': math.isfinite(loss), 'loss': loss, 'step_s': step_s,
-            'batches': int(trainer.state.timestamp.batch), 'batch_size': batch,
-            'peak_mem_gib': torch.cuda.max_memory_allocated() / 2**30 if device == 'gpu' else None,
+            'batches': batches, 'batch_size': batch, 'peak_mem_gib': peak_mem,
             'tflop_per_step': flops / 1e12, 'mfu': flops / step_s / peak if peak else None,
             'precision': cfg.precision, 'fsdp': cfg.fsdp_config is not None}
 
@@ -316,7 +329,8 @@ def raw_weights_only(name: str) -> bool:
 
 
 def _fmt(value: Any, spec: str) -> str:
-    return '-' if value is None else format(value, spec)
+    """``value`` in ``spec`` (width first, e.g. ``'8.3f'``), or ``-`` at the same width."""
+    return format(value, spec) if value is not None else '-'.rjust(int(spec.split('.')[0]))
 
 
 def table(rows: list[dict[str, Any]]) -> str:

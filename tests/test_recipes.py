@@ -171,6 +171,26 @@ def test_weight_decay_per_step_is_that_of_the_references(name):
     assert decay <= reference * 1.001 + 1e-12, f'weights shrink by {decay:.2e} per step (reference: {reference:.1e})'
 
 
+@pytest.mark.parametrize('name', gpu_check.FULL_RECIPES)
+def test_gpu_check_widths_build_on_the_meta_device(name, assets, tmp_path):
+    """The GPU check's reduced widths are valid configs of the same model class, with the recipe's latent size."""
+    from diffusion import registry
+    from diffusion.builders import check_components
+    assert (REPO / 'yamls' / name).exists(), f'yamls/{name} is missing'
+    no_data = {'vae': assets['vae'], 'photos': tmp_path, 'latents': lambda text_encoder, res: tmp_path}
+    raw = gpu_check.shrink(name, no_data, tmp_path, mode='gpu', steps=20, batch=32)
+    cfg = load_config(base=raw)
+    check_components(cfg)
+    full = load_config(REPO / 'yamls' / name)
+    assert cfg.precision == full.precision and cfg.fsdp_config == full.fsdp_config
+    with torch.device('meta'):
+        model = registry.build(registry.models, cfg.model, 'model')
+    params = sum(p.numel() for p in getattr(model, 'backbone', model).parameters())
+    assert 10e6 < params < 1e9, params
+    if cfg.train_loader.get('use_latents'):  # the tiny VAE downsamples 4x, the recipes' 8x: same latent side
+        assert cfg.train_loader['resolution'] // gpu_check.VAE_DOWNSAMPLE == full.train_loader['resolution'] // 8
+
+
 def test_gpu_check_refuses_without_a_gpu():
     env = {'CUDA_VISIBLE_DEVICES': '', 'PATH': '/usr/bin:/bin'}
     proc = subprocess.run([sys.executable, 'scripts/gpu_check.py'], cwd=REPO, env=env, capture_output=True,
