@@ -136,7 +136,7 @@ class SampleImages(Callback):
 
     def generate(self, model: Any) -> torch.Tensor:
         """The grid's images from ``model`` (a ``LatentDiffusion``): prompt ``i`` with seed ``seed + i``."""
-        from diffusion.evaluation.generate import resolve_sampling
+        from diffusion.samplers import resolve_sampling
         kwargs = {**self.kwargs, **resolve_sampling(model, self.kwargs['sampler'], self.kwargs['num_inference_steps'],
                                                     self.kwargs['guidance_scale'], ddpm=QUICK_DDPM_SAMPLING)}
         images = []

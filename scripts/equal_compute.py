@@ -25,7 +25,7 @@ Equal compute is measured, not typed in:
    reported beside the calibrated budget (the run's figure also holds start-up, data loading and checkpointing).
 4. **Scoring** of each run's last checkpoint (EMA weights when present) with the demo's evaluation functions
    (:mod:`diffusion.evaluation.demo_eval`): one image per held-out caption, at each model's default sampler
-   (``diffusion.evaluation.generate.sampling_defaults``; MicroDiT: EDM Heun, 30 steps, guidance 5; the UNet: the
+   (``diffusion.samplers.sampling_defaults``; MicroDiT: EDM Heun, 30 steps, guidance 5; the UNet: the
    demo's DDIM, 20 steps, guidance 3) unless ``--sampler/--steps/--guidance`` are given, then FID and KID of their
    Inception features against the real held-out images' (cached in ``--features``).
 

@@ -363,13 +363,14 @@ def _record_sampling(monkeypatch, model):
 
 
 def test_sampling_defaults_follow_the_noise_schedule(monkeypatch, tmp_path):
+    from diffusion import samplers
     from diffusion.evaluation import generate as gen
     from diffusion.schedules import DDPMSchedule
-    assert gen.sampling_defaults(EDMSchedule()) == {'sampler': 'heun', 'num_inference_steps': 30,
+    assert samplers.sampling_defaults(EDMSchedule()) == {'sampler': 'heun', 'num_inference_steps': 30,
                                                     'guidance_scale': 5.0}
-    assert gen.sampling_defaults(DDPMSchedule()) == {'sampler': 'ddim', 'num_inference_steps': 50,
+    assert samplers.sampling_defaults(DDPMSchedule()) == {'sampler': 'ddim', 'num_inference_steps': 50,
                                                      'guidance_scale': 7.5}
-    assert gen.resolve_sampling(EDMSchedule(), 'euler', None, 2.0) == {'sampler': 'euler',
+    assert samplers.resolve_sampling(EDMSchedule(), 'euler', None, 2.0) == {'sampler': 'euler',
                                                                        'num_inference_steps': 30,
                                                                        'guidance_scale': 2.0}
     # generate() with nothing given: an EDM model (MicroDiT) samples with Heun, 30 steps, guidance 5

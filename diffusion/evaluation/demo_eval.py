@@ -104,7 +104,8 @@ def _generate(ckpt: Path, prompts: Sequence[str], out: Path, args: argparse.Name
     """Images for ``prompts`` from one checkpoint (resumable folder ``out``), as PIL images in prompt order."""
     from PIL import Image
 
-    from diffusion.evaluation.generate import default_size, generate_to_folder, resolve_sampling
+    from diffusion.evaluation.generate import default_size, generate_to_folder
+    from diffusion.samplers import resolve_sampling
     model, info = _load(ckpt)
     size = default_size(model)
     chosen = resolve_sampling(model, args.sampler, args.steps, guidance, ddpm=DEMO_DDPM_SAMPLING)

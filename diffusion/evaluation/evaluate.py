@@ -125,7 +125,8 @@ def load_folder(path: str | Path, limit: Optional[int] = None) -> tuple[list[Ima
 # ---------------------------------------------------------------------------------------------
 def _generate_sweep(cfg: EvalConfig, prompts: Sequence[str]) -> tuple[dict[float, Path], dict[str, Any], int]:
     from diffusion.checkpoints import load_model
-    from diffusion.evaluation.generate import default_size, generate_to_folder, resolve_sampling
+    from diffusion.evaluation.generate import default_size, generate_to_folder
+    from diffusion.samplers import resolve_sampling
     device = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     model, info = load_model(cfg.checkpoint, cfg.config, cfg.weights, device=device,
                              allow_unsafe=cfg.allow_unsafe_pickle, overrides=tuple(cfg.model_overrides))

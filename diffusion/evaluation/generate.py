@@ -31,16 +31,11 @@ from typing import Any, Optional, Sequence
 import torch
 from PIL import Image
 
+from diffusion import samplers
+
 log = logging.getLogger(__name__)
 
-__all__ = ['GenerateConfig', 'read_prompts', 'generate_images', 'contact_sheet', 'run', 'EDM_SAMPLING',
-           'DDPM_SAMPLING', 'sampling_defaults', 'resolve_sampling']
-
-# Sampling defaults by noise schedule. EDM models (MicroDiT) sample with EDM's deterministic Heun sampler, 30 steps,
-# guidance 5 (the public MicroDiT code's generate()); DDPM models (the UNets) with DDIM, 50 steps, guidance 7.5.
-# DDIM is not an EDM sampler at all, so a fixed 'ddim' default fails on every EDM model.
-EDM_SAMPLING = {'sampler': 'heun', 'num_inference_steps': 30, 'guidance_scale': 5.0}
-DDPM_SAMPLING = {'sampler': 'ddim', 'num_inference_steps': 50, 'guidance_scale': 7.5}
+__all__ = ['GenerateConfig', 'read_prompts', 'generate_images', 'contact_sheet', 'run']
 
 PROMPT_COLUMNS = ('prompt', 'Prompt', 'caption', 'Caption', 'text', 'Text')
 # Settings that change the images: a resumed run must agree on all of them.
@@ -81,30 +76,6 @@ class GenerateConfig:
     device: Optional[str] = None  # default: cuda if available
     allow_unsafe_pickle: bool = False
     model_overrides: list = field(default_factory=list)  # dotted overrides of the train config
-
-
-def sampling_defaults(model: Any, ddpm: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """Default ``sampler``, ``num_inference_steps`` and ``guidance_scale`` for ``model``'s noise schedule.
-
-    Args:
-        model: A ``LatentDiffusion`` or a noise schedule (anything with ``prediction_type``, directly or through
-            ``noise_schedule``).
-        ddpm: The defaults for DDPM schedules (a caller that samples cheaply, e.g. a callback, passes its own);
-            default :data:`DDPM_SAMPLING`.
-    """
-    schedule = getattr(model, 'noise_schedule', model)
-    if getattr(schedule, 'prediction_type', None) == 'edm':
-        return dict(EDM_SAMPLING)
-    return dict(DDPM_SAMPLING if ddpm is None else ddpm)
-
-
-def resolve_sampling(model: Any, sampler: Optional[str] = None, num_inference_steps: Optional[int] = None,
-                     guidance_scale: Optional[float] = None, ddpm: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """The three sampling settings with every ``None`` replaced by :func:`sampling_defaults` (a value the user
-    gave is kept)."""
-    given = {'sampler': sampler, 'num_inference_steps': num_inference_steps, 'guidance_scale': guidance_scale}
-    defaults = sampling_defaults(model, ddpm)
-    return {k: defaults[k] if v is None else v for k, v in given.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,7 +248,7 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
     size = default_size(model)
     settings = {**dataclasses.asdict(cfg), 'height': cfg.height or size, 'width': cfg.width or size,
                 'checkpoint': info.checkpoint, 'weights': info.weights,
-                **resolve_sampling(model, cfg.sampler, cfg.num_inference_steps, cfg.guidance_scale)}
+                **samplers.resolve_sampling(model, cfg.sampler, cfg.num_inference_steps, cfg.guidance_scale)}
     before = len(_read_manifest(Path(cfg.out_dir) / 'manifest.jsonl'))
     entries = generate_to_folder(model, prompts, cfg.out_dir, settings, cfg.batch_size)
     sheet = None

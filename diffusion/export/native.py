@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from diffusion.evaluation.generate import DDPM_SAMPLING, EDM_SAMPLING, sampling_defaults
+from diffusion.samplers import sampling_defaults
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,6 @@ __all__ = ['FORMAT', 'export_native', 'load_native', 'export_checkpoint_native']
 
 FORMAT = 'diffusion-native'
 WEIGHTS_NAME, CONFIG_NAME = 'model.safetensors', 'config.json'
-# MicroDiT's sampling defaults (EDM Heun, 30 steps, guidance 5; the public code's generate()); UNets use DDIM.
-# One table for the project: diffusion.evaluation.generate.sampling_defaults.
-EDM_GENERATION, DDPM_GENERATION = dict(EDM_SAMPLING), dict(DDPM_SAMPLING)
 
 
 def export_native(model: Any, model_config: dict[str, Any], out_dir: Union[str, Path],
@@ -47,7 +44,7 @@ def export_native(model: Any, model_config: dict[str, Any], out_dir: Union[str, 
         model: A ``LatentDiffusion`` (any backbone).
         model_config: The ``model:`` block it was built from (``name: latent_diffusion`` + kwargs).
         out_dir: Output folder (created).
-        generation: Default ``generate()`` arguments to record (default: by noise schedule, see module).
+        generation: Default ``generate()`` arguments to record (default: ``diffusion.samplers.sampling_defaults``).
         metadata: Provenance to record (e.g. the checkpoint info).
 
     Returns:

@@ -349,7 +349,7 @@ class LatentDiffusion(ComposerModel):
             guidance_rescale: Guidance rescale (Lin et al. 2023), 0 disables.
             sampler: A sampler name the noise schedule knows (``ddim``, ``euler``, ``heun``, ``dpmpp_2m``...).
                 None takes the defaults of the noise schedule
-                (:func:`diffusion.evaluation.generate.sampling_defaults`): EDM Heun, 30 steps, guidance 5 for EDM
+                (:func:`diffusion.samplers.sampling_defaults`): EDM Heun, 30 steps, guidance 5 for EDM
                 models (MicroDiT), DDIM, 50 steps, guidance 7.5 for DDPM ones; each given value is kept.
             seed: Per-image seeds (one per prompt: image ``i`` is the same whatever its batch), or one int
                 seeding a single generator for the whole batch; default 0. See ``diffusion/samplers.py`` for
@@ -369,7 +369,7 @@ class LatentDiffusion(ComposerModel):
         """
         if self.autoencoder is None and output_type != 'latent':
             raise RuntimeError('generate() needs the autoencoder to decode images')
-        from diffusion.evaluation.generate import resolve_sampling
+        from diffusion.samplers import resolve_sampling
         chosen = resolve_sampling(self, sampler, num_inference_steps, guidance_scale)
         sampler, num_inference_steps, guidance_scale = (chosen['sampler'], chosen['num_inference_steps'],
                                                         chosen['guidance_scale'])
