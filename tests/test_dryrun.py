@@ -132,24 +132,22 @@ def full_figures():
 def test_full_recipes_print_memory_and_no_warning(capsys, monkeypatch, full_figures):
     """`composer run.py yamls/sd2-base-cc.yaml dry_run=true` prints the per-GPU memory table and no warning; every
     full recipe's estimate fits its GPU, uses at least a third of it or its whole device batch, has a cache limit
-    and a fixed canonical node count. (The frozen-encoder warning is the one left: see the xfail test below.)"""
+    and a fixed canonical node count."""
     monkeypatch.chdir(REPO)
     status, fig, text = dry_run(capsys, 'yamls/sd2-base-cc.yaml')
     assert status == 0
     for row in ('mem_params_gib', 'mem_grads_gib', 'mem_optimizer_gib', 'mem_ema_gib', 'mem_activations_gib',
                 'mem_total_gib', 'decay_per_step', 'microbatches_per_step', 'cache_limit_gib'):
         assert any(line.startswith(row + ' ') for line in text.splitlines()), row
-    assert [w for w in fig['warnings'] if ENCODER_WARNING not in w] == []
-    assert not [line for line in text.splitlines() if line.startswith('WARNING') and ENCODER_WARNING not in line]
+    assert fig['warnings'] == []
+    assert not [line for line in text.splitlines() if line.startswith('WARNING')]
     for name, f in full_figures.items():
-        assert [w for w in f['warnings'] if ENCODER_WARNING not in w] == [], name
+        assert f['warnings'] == [], name
         assert f['mem_total_gib'] < f['gpu_memory_gib'], name
         assert f['memory_fraction'] >= 1 / 3 or f['microbatch_size'] == f['device_batch_size'], name
         assert f['cache_limit_gib'] and f['mem_activations_gib'] > 0, name
 
 
-@pytest.mark.xfail(strict=True, reason='finding 2 (encoders on the GPU under FSDP) is not fixed in this tree yet: '
-                   'the linter looks for a `frozen_to_device` method of the model or function of diffusion.training.train')
 def test_fsdp_recipes_move_their_encoders_to_the_gpu(full_figures):
     for name, f in full_figures.items():
         assert not [w for w in f['warnings'] if ENCODER_WARNING in w], name

@@ -190,12 +190,12 @@ def _encoders_stay_on_cpu(cfg: Any, model: torch.nn.Module) -> bool:
 
     Composer moves the model to the GPU only when no parallelism config is given, and its FSDP skips children
     marked ``_fsdp_wrap = False`` (the frozen encoders), so under FSDP they stay where they were built unless the
-    project moves them: a ``frozen_to_device`` method of the model or function of ``diffusion.training.train``.
+    project moves them: ``diffusion.training.train.place_unsharded_parts`` does, after composer's FSDP wrapping.
     """
     if cfg.fsdp_config is None or not (cfg.model.get('text_encoder') or cfg.model.get('autoencoder')):
         return False
     from diffusion.training import train
-    return not (callable(getattr(model, 'frozen_to_device', None)) or callable(getattr(train, 'frozen_to_device', None)))
+    return not callable(getattr(train, 'place_unsharded_parts', None))
 
 
 def lint(cfg: Any, model: torch.nn.Module, info: dict[str, Any], meta_batch: Callable[[int], dict[str, Any]],
