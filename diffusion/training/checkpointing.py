@@ -127,7 +127,7 @@ def _checkpoints(folder: Path, suffix: str) -> list[Path]:
     not unfinished writes, not checkpoints set aside as ``.corrupt``)."""
     found = []
     for p in folder.iterdir():
-        if p.is_symlink() or p.name.startswith('.tmp-'):
+        if p.is_symlink() or p.name.startswith('.tmp-') or '.corrupt' in p.name:
             continue
         if p.name.endswith(suffix) or _is_sharded_folder(p):
             found.append(p)
