@@ -318,7 +318,7 @@ def run_one(name: str, assets: dict[str, Any], out: Path, device: str, steps: in
         torch.cuda.empty_cache()
     return {'recipe': name, 'ok': math.isfinite(loss), 'loss': loss, 'step_s': step_s,
             'batches': batches, 'batch_size': batch, 'peak_mem_gib': peak_mem,
-            'tflop_per_step': flops / 1e12, 'mfu': flops / step_s / peak if peak else None,
+            'gflop_per_step': flops / 1e9, 'mfu': flops / step_s / peak if peak else None,
             'precision': cfg.precision, 'fsdp': cfg.fsdp_config is not None}
 
 
@@ -334,11 +334,11 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = f'{"recipe":32} {"ok":4} {"step s":>8} {"peak GiB":>9} {"TFLOP/st":>9} {"MFU":>6} {"loss":>9}'
+    head = f'{"recipe":32} {"ok":4} {"step s":>8} {"peak GiB":>9} {"GFLOP/step":>11} {"MFU":>6} {"loss":>9}'
     lines = [head, '-' * len(head)]
     for r in rows:
         lines.append(f'{r["recipe"]:32} {"yes" if r["ok"] else "NO":4} {_fmt(r.get("step_s"), "8.3f")} '
-                     f'{_fmt(r.get("peak_mem_gib"), "9.2f")} {_fmt(r.get("tflop_per_step"), "9.3f")} '
+                     f'{_fmt(r.get("peak_mem_gib"), "9.2f")} {_fmt(r.get("gflop_per_step"), "11.1f")} '
                      f'{_fmt(r.get("mfu"), "6.1%")} {_fmt(r.get("loss"), "9.4f")}'
                      + (f'  {r["error"]}' if r.get('error') else ''))
     return '\n'.join(lines)

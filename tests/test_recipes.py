@@ -211,7 +211,7 @@ def test_gpu_check_cpu_rehearsal_runs_recipes_and_prints_json(tmp_path, capsys, 
     assert status == 0, lines[-1]
     assert [r['recipe'] for r in result['recipes']] == names and result['ok']
     for row in result['recipes']:
-        assert row['batches'] == 2 and row['tflop_per_step'] > 0 and row['step_s'] > 0 and row['mfu'] is None
+        assert row['batches'] == 2 and row['gflop_per_step'] > 0 and row['step_s'] > 0 and row['mfu'] is None
     assert any(line.startswith('recipe') for line in lines)  # the table
     broken = gpu_check.main(['--device', 'cpu', '--only', 'no/such.yaml', '--out', str(tmp_path / 'x')])
     assert broken == 1 and not json.loads(capsys.readouterr().out.strip().splitlines()[-1])['ok']
