@@ -10,6 +10,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 import torch
 from composer.core import Callback, State
+from composer.core import precision as composer_precision
 from composer.loggers import Logger
 from composer.utils import dist
 from PIL import Image, ImageDraw, ImageFont
@@ -152,7 +153,10 @@ class SampleImages(Callback):
         model = _unwrap(state.model)
         was_training = model.training
         model.eval()
-        with ema_weights(state) as weights, torch.compiler.set_stance('force_eager'):
+        # The run's precision: under FSDP mixed precision the backbone holds bf16 parameters and fp32 buffers,
+        # which only autocast reconciles (as in training).
+        with ema_weights(state) as weights, torch.compiler.set_stance('force_eager'), \
+                composer_precision.get_precision_context(state.precision):
             images = self.generate(model).float().cpu()
         model.train(was_training)
         self.last_images = images

@@ -182,7 +182,8 @@ def emulate_gpu_precision_on_cpu() -> None:
     on a CPU (``_validate_precision`` in the Trainer and in its FSDP/FSDP2 preparation) and its precision context
     does nothing there. Here the check lets ``amp_bf16`` through on a CPU (``amp_fp16`` / ``amp_fp8`` still
     fail: no grad scaler / no Transformer Engine on a CPU) and the Trainer's ``get_precision_context`` enters
-    :func:`cuda_autocast_on_cpu` for it. FSDP's ``mixed_precision: DEFAULT`` then holds bf16 parameter copies for
+    :func:`cuda_autocast_on_cpu` for it, as does ``composer.core.precision.get_precision_context`` (the sample-grid
+    callback samples under it). FSDP's ``mixed_precision: DEFAULT`` then holds bf16 parameter copies for
     the forward, as on a GPU. Not for training runs: a CPU's bf16 speed-up is ``cpu_bf16_autocast``'s job.
 
     ``build_trainer`` installs it when the environment variable ``DIFFUSION_EMULATE_GPU_PRECISION=1`` is set
@@ -191,6 +192,7 @@ def emulate_gpu_precision_on_cpu() -> None:
     for module in (trainer_module, dist_strategy, prepare_distributed):
         module._validate_precision = _validate_precision_emulated
     trainer_module.get_precision_context = _precision_context_emulated
+    precision_module.get_precision_context = _precision_context_emulated  # what callbacks sample under
 
 
 def gpu_precision_emulated() -> bool:
