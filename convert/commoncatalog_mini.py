@@ -28,7 +28,9 @@ from typing import Any
 from diffusion.data.licenses import LICENSE_SETS, in_license_set, license_family, normalize_license
 from diffusion.data.sanitize import SkipSample, clean_caption, is_weak_caption, sanitize_image
 from diffusion.data.sources import SOURCES, Item, read_svg_metadata
-from diffusion.data.writer import add_writer_args, make_sample, print_summary, run_conversion, writer_from_args
+from diffusion.data.cli import add_writer_args, print_summary, writer_from_args
+from diffusion.data.pool import run_conversion
+from diffusion.data.writer import make_sample
 
 DEFAULT_SOURCES = {'commercial': ['openmoji', 'twemoji', 'openclipart'],
                    'noncommercial': ['openmoji', 'twemoji', 'openclipart'],
@@ -94,7 +96,8 @@ def list_items(args: argparse.Namespace) -> list[Item]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument('--license-set', choices=LICENSE_SETS, default='commercial')
     parser.add_argument('--sources', nargs='+', choices=sorted(SOURCES), default=None,
                         help='default: every source whose licences can enter --license-set')

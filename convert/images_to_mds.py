@@ -3,18 +3,24 @@
 ``--src`` may be:
   * a folder of images (jpg, png, webp, gif, bmp, tif, svg) with sidecar captions: ``x.txt`` (the
     caption) or ``x.json`` (``caption`` plus optional ``license``, ``license_url``, ``creator``);
-  * a manifest ``.csv``, ``.jsonl`` or ``.parquet`` with an image column (``image``/``path``/``file``:
-    a path relative to the manifest, or bytes) and ``caption``/``text`` (plus optional ``key``,
-    ``license``, ``creator``);
+  * a manifest ``.csv``, ``.jsonl``, ``.parquet`` or ``.arrow`` with an image column (``image``/``path``/``file``:
+    a path relative to the manifest, bytes, or a Hugging Face ``Image`` value ``{bytes, path}``) and
+    ``caption``/``text`` (plus optional ``key``, ``license``, ``creator``);
+  * a Hugging Face ``datasets`` folder written by ``save_to_disk`` (a ``Dataset`` or a ``DatasetDict``: every
+    split's ``.arrow`` files are read with pyarrow, offline; keys are ``<split>/<row>``), or a folder of the
+    parquet files ``Dataset.to_parquet`` / the Hub write;
   * a webdataset / img2dataset ``.tar`` shard, a folder tree of them, or a ``.txt`` list of shard paths
     (members ``k.jpg``, ``k.txt``, ``k.json``). From img2dataset's JSON the ``license``, ``license_url`` and
     ``creator`` members are kept and ``photo_id`` (``convert/yfcc_filter.py`` lists) becomes the key; the
     ``<shard>.parquet`` img2dataset writes beside each tar names the downloads that failed: each is counted
     under ``img2dataset_<status>`` (``failed_to_download``, ``failed_to_resize``) unless a later pass
     (``yfcc_filter.py --retry-from``) fetched that photo.
-Bad files are skipped and counted by reason (report.json); empty captions are skipped unless
-``--keep-empty-captions`` (then kept and flagged in ``caption_weak``). Re-running with the same
-arguments resumes.
+Bad files are skipped, counted by reason and named in report.json (``skipped_files``) and the summary: an image
+without a caption (``missing_caption``: no ``x.txt``/``x.json`` beside it, or no caption column value), a blank
+caption (``empty_caption``), a file that does not decode (``corrupt``, ``empty_file``, ...). Images without a
+caption are skipped unless ``--keep-empty-captions`` (then kept and flagged in ``caption_weak``). With
+``--eval-fraction`` above 0 any set of 2+ images holds at least one out in ``eval``. Nothing kept exits 1 with
+a hint. Re-running with the same arguments resumes; with other ones it stops naming the changed options.
 
 On many machines, ranks split the tar shards (shard ``i`` goes to rank ``i % W``; other sources split by
 item); rank and W come from ``--rank``/``--world-size``, else ``RANK``/``WORLD_SIZE`` (composer, torchrun)
@@ -39,14 +45,16 @@ from typing import Any, Iterator
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+import pyarrow as pa
+
+from diffusion.data.cli import add_writer_args, print_summary, rank_from_env, writer_from_args
 from diffusion.data.licenses import in_license_set, license_family, normalize_license
+from diffusion.data.pool import run_conversion
 from diffusion.data.sanitize import SkipSample, clean_caption, sanitize_image
-from diffusion.data.cli import rank_from_env
-from diffusion.data.writer import (add_writer_args, make_sample, merge_ranks, print_summary, run_conversion,
-                                   writer_from_args)
+from diffusion.data.writer import held_out_keys, make_sample, merge_ranks
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp', '.gif', '.bmp', '.tif', '.tiff', '.svg')
-MANIFEST_SUFFIXES = ('.csv', '.jsonl', '.parquet')
+MANIFEST_SUFFIXES = ('.csv', '.jsonl', '.parquet', '.arrow')
 _IMAGE_COLUMNS = ('image', 'path', 'file', 'filepath', 'image_path', 'jpg', 'png')
 _CAPTION_COLUMNS = ('caption', 'text', 'txt', 'alt', 'title')
 
@@ -78,26 +86,61 @@ def folder_items(src: Path) -> Iterator[dict[str, Any]]:
         yield {'key': str(rel.with_suffix('')), 'path': str(path), 'source_path': str(rel), **meta}
 
 
-def manifest_items(src: Path) -> Iterator[dict[str, Any]]:
-    """Rows of a CSV / JSONL / parquet manifest."""
+def read_arrow(path: Path) -> pa.Table:
+    """An Arrow IPC file: the stream format ``datasets`` writes (``save_to_disk``, its cache), else the file format."""
+    with pa.memory_map(str(path)) as source:
+        try:
+            return pa.ipc.open_stream(source).read_all()
+        except pa.ArrowInvalid:
+            source.seek(0)
+            return pa.ipc.open_file(source).read_all()
+
+
+def manifest_items(src: Path, prefix: str = '') -> Iterator[dict[str, Any]]:
+    """Rows of a CSV / JSONL / parquet / arrow manifest (keys, when no ``key`` column, start with ``prefix``)."""
     if src.suffix == '.parquet':
         rows = pq.read_table(src).to_pylist()
+    elif src.suffix == '.arrow':
+        rows = read_arrow(src).to_pylist()
     elif src.suffix == '.csv':
         rows = pacsv.read_csv(src).to_pylist()
     else:
         rows = [json.loads(line) for line in src.read_text(encoding='utf-8').splitlines() if line.strip()]
     for index, row in enumerate(rows):
         image = _first(row, _IMAGE_COLUMNS)
+        if isinstance(image, dict):  # a Hugging Face Image value: embedded bytes, else a path
+            image = image.get('bytes') or image.get('path')
         item = {k: v for k, v in row.items() if k not in _IMAGE_COLUMNS}
         item['caption'] = _first(row, _CAPTION_COLUMNS)
         if isinstance(image, (bytes, bytearray)):
-            item.update(data=bytes(image), source_path=f'{src.name}#{index}')
+            item.update(data=bytes(image), source_path=f'{prefix}{src.name}#{index}')
         else:
             path = Path(str(image or ''))
             path = path if path.is_absolute() else src.parent / path
             item.update(path=str(path), source_path=str(image))
         item['key'] = str(row.get('key') or item['source_path'])
         yield item
+
+
+def hf_saved_files(src: Path) -> list[Path] | None:
+    """The data files of a Hugging Face ``datasets`` folder: ``save_to_disk``'s ``.arrow`` files (of every split
+    of a ``DatasetDict``), or a folder holding only parquet files; None for any other folder."""
+    if (src / 'dataset_dict.json').exists():
+        splits = json.loads((src / 'dataset_dict.json').read_text())['splits']
+        return [f for split in splits for f in sorted((src / split).glob('*.arrow'))]
+    if (src / 'state.json').exists() and (src / 'dataset_info.json').exists():
+        return sorted(src.glob('*.arrow'))
+    parquet = sorted(src.rglob('*.parquet'))
+    if parquet and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in src.rglob('*')):
+        return parquet
+    return None
+
+
+def hf_items(src: Path, files: list[Path]) -> Iterator[dict[str, Any]]:
+    """Rows of a Hugging Face dataset's files, keyed by the file's folder below ``src`` (its split) and row."""
+    for path in files:
+        folder = path.parent.relative_to(src).as_posix()
+        yield from manifest_items(path, prefix='' if folder == '.' else f'{folder}/')
 
 
 def tar_shards(src: Path) -> list[Path]:
@@ -161,9 +204,31 @@ def list_items(src: Path, rank: int = 0, world: int = 1) -> list[dict[str, Any]]
     if src.is_file() and src.suffix.lower() in MANIFEST_SUFFIXES:
         return list(manifest_items(src))[rank::world]
     if src.is_dir():
+        hf_files = hf_saved_files(src)
+        if hf_files is not None:
+            return list(hf_items(src, hf_files))[rank::world]
         return list(folder_items(src))[rank::world]
-    raise SystemExit(f'--src {src}: not a folder, manifest ({", ".join(MANIFEST_SUFFIXES)}), .tar shard or '
-                     f'.txt list of shards')
+    raise SystemExit(f'--src {src}: not a folder, manifest ({", ".join(MANIFEST_SUFFIXES)}), Hugging Face '
+                     f'datasets folder, .tar shard or .txt list of shards')
+
+
+def _likely_kept(item: dict[str, Any], opts: dict[str, Any]) -> bool:
+    """Whether an item passes the cheap checks (a caption, a file): the eval split is drawn from these, so that a
+    small set's held-out image is not one skipped later for want of a caption."""
+    if item.get('_failed') or item.get('_bad_json') or not (item.get('data') or Path(item.get('path', '')).is_file()):
+        return False
+    caption = item.get('caption')
+    text = caption.decode('utf-8', 'replace') if isinstance(caption, bytes) else str(caption or '')
+    return bool(text.strip()) or opts['keep_empty_captions']
+
+
+def _converts(item: dict[str, Any], opts: dict[str, Any]) -> bool:
+    """Whether ``item`` converts (tried only on the few a small set's eval split is chosen from)."""
+    try:
+        convert_item(item, opts)
+    except Exception:  # noqa: BLE001 - SkipSample or a broken file: not a held-out candidate
+        return False
+    return True
 
 
 def convert_item(item: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
@@ -179,12 +244,6 @@ def convert_item(item: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
             break
     if opts['license_set'] and not in_license_set(license_id, opts['license_set']):
         raise SkipSample(f'license_excluded_{license_family(license_id)}', license_id)
-    try:
-        caption = clean_caption(item.get('caption'))
-    except SkipSample as err:
-        if not (err.reason == 'empty_caption' and opts['keep_empty_captions']):
-            raise
-        caption = ''
     if 'data' in item:
         data = item['data']
     else:
@@ -192,8 +251,17 @@ def convert_item(item: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
             data = Path(item['path']).read_bytes()
         except (FileNotFoundError, IsADirectoryError) as err:
             raise SkipSample('missing_file', item['path']) from err
+    # The image first: a broken file is reported as broken whether or not it has a caption.
     clean = sanitize_image(data, svg=str(item.get('path', '')).lower().endswith('.svg'),
                            min_size=opts['min_size'], max_pixels=opts['max_pixels'], max_side=opts['size'])
+    try:
+        if item.get('caption') is None:
+            raise SkipSample('missing_caption', 'no caption file (x.txt or x.json beside x.jpg) or caption value')
+        caption = clean_caption(item['caption'])
+    except SkipSample as err:
+        if not (err.reason in ('missing_caption', 'empty_caption') and opts['keep_empty_captions']):
+            raise
+        caption = ''
     return make_sample(clean, key=item['key'], caption=caption,
                        caption_source=str(item.get('caption_source') or 'provided'), license_id=license_id,
                        creator=str(item.get('creator') or opts['creator']), source=opts['source'],
@@ -202,14 +270,17 @@ def convert_item(item: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--src', required=True, type=Path, help='folder, manifest or tar shard(s)')
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)  # --eval-frac must not pass for --eval-fraction
+    parser.add_argument('--src', required=True, type=Path,
+                        help='folder, manifest, Hugging Face datasets folder or tar shard(s)')
     parser.add_argument('--license', default='unknown', help='licence of items that do not state one')
     parser.add_argument('--creator', default='', help='creator of items that do not state one')
     parser.add_argument('--source', default='', help='value of the `source` column (default: --src name)')
     parser.add_argument('--license-set', choices=('commercial', 'noncommercial', 'all'), default=None,
                         help='keep only items whose licence is in this set (default: keep all)')
-    parser.add_argument('--keep-empty-captions', action='store_true', help='keep them, flagged caption_weak=1')
+    parser.add_argument('--keep-empty-captions', action='store_true',
+                        help='keep images without a caption (or a blank one), flagged caption_weak=1')
     ranks = parser.add_argument_group('many machines')
     ranks.add_argument('--rank', type=int, default=None, help='this rank (default: from the environment)')
     ranks.add_argument('--world-size', type=int, default=None, help='number of ranks (default: environment)')
@@ -245,14 +316,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                           'max_pixels', 'size', 'image_format', 'quality')}
     opts['source'] = args.source or args.src.name
     args.src = str(args.src)
+    # One rank sees every item, so a small set is sure of an eval split; ranks keep the hash split alone.
+    by_key = {i['key']: i for i in items if _likely_kept(i, opts)}
+    held = set() if multi else held_out_keys(list(by_key), args.eval_fraction, lambda k: _converts(by_key[k], opts))
     with writer_from_args(args, rank=args.rank if multi else None) as writer:
         run_conversion(functools.partial(convert_item, opts=opts), items, writer, key=lambda i: i['key'],
-                       source=lambda i: opts['source'], workers=args.workers, desc='images-to-mds')
+                       source=lambda i: opts['source'], name=lambda i: i['source_path'],
+                       split=lambda i: 'eval' if i['key'] in held else ('train' if held else None),
+                       workers=args.workers, desc='images-to-mds')
     report = writer.summary()
     print_summary(report, args.out)
     if multi:
         print(f'rank {args.rank} of {args.world_size} done; when every rank is, run the same command with --merge')
+    elif not report['kept']:
+        raise SystemExit(nothing_kept_hint(report, args.src))
     return report
+
+
+def nothing_kept_hint(report: dict[str, Any], src: str) -> str:
+    """The one line a conversion that kept nothing ends with: why, and what to do."""
+    reasons = report['skipped_by_reason']
+    if not report['skipped']:
+        return f'error: no images found in --src {src} (image files: {", ".join(IMAGE_SUFFIXES)})'
+    hint = f'error: nothing kept of {report["skipped"]} images in --src {src} ({reasons})'
+    if reasons.get('missing_caption', 0) + reasons.get('empty_caption', 0):
+        hint += ('; no captions found: put each caption in a text file named like its image (x.txt beside x.jpg, '
+                 'or x.json with "caption"), or pass --keep-empty-captions to train on them without captions')
+    return hint + '; every skipped file is listed in report.json'
 
 
 if __name__ == '__main__':

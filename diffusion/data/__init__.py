@@ -1,7 +1,8 @@
 """Data: building datasets (catalog, conversion, captions, precomputed latents) and loading them for training.
 
 Preparing data: ``sanitize`` (the image-sanitising function and caption checks), ``licenses`` (licence ids and
-the commercial / noncommercial / all sets), ``writer`` (the shared resumable MDS writer), ``sources`` (per-source
+the commercial / noncommercial / all sets), ``writer`` (the shared resumable MDS writer; ``pool`` runs
+converters over worker processes, ``cli`` holds their shared options), ``sources`` (per-source
 fetch and parse code for the mini catalog), ``demo_photos`` (a tiny set of real photos shipped by installed
 packages), ``mds_rows`` (derive a dataset from another row by row, across ranks), ``captioning`` (telephoning:
 synthetic captions from a pretrained captioner) and ``precompute`` (autoencoder latents and text states).
@@ -19,7 +20,7 @@ from typing import Any
 _LAZY = {
     'build_demo_photos': 'diffusion.data.demo_photos',
     'DatasetWriter': 'diffusion.data.writer',
-    'run_conversion': 'diffusion.data.writer',
+    'run_conversion': 'diffusion.data.pool',
     'SkipSample': 'diffusion.data.sanitize',
     'sanitize_image': 'diffusion.data.sanitize',
     'StreamingImageCaptionDataset': 'diffusion.data.dataset',

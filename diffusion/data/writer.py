@@ -12,7 +12,8 @@ Usage::
                 writer.skip(err.reason, key=item.key, source='openmoji')
     print(writer.summary())
 
-or, with worker processes and a progress bar, ``run_conversion(fn, items, writer, workers=2)``.
+or, with worker processes and a progress bar, ``run_conversion(fn, items, writer, workers=2)``
+(:mod:`diffusion.data.pool`); the converters' shared command-line options are in :mod:`diffusion.data.cli`.
 
 Layout of ``out_dir``::
 
@@ -21,7 +22,8 @@ Layout of ``out_dir``::
     eval/index.json, eval/part-*/
     .journal/part-00000.json    keys kept/skipped by that part: the commit record
     .journal/config.json        the converter's arguments; a resume with other arguments is refused
-    report.json                 counts kept and skipped, per split, per source and per reason
+    report.json                 counts kept and skipped, per split, per source and per reason; every
+                                skipped file by name with its reason (``skipped_files``)
     attribution.csv             key, creator, licence, licence URL, source and path of every image
 
 How it is resumable and atomic: samples go to streaming's ``MDSWriter`` in a fresh part folder. Every
@@ -53,9 +55,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from streaming import MDSWriter
-from tqdm import tqdm
-
-from diffusion.data.sanitize import SkipSample
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +91,35 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _bucket(key: str) -> float:
+    """A key's place in [0, 1], from a hash: the same on every run and every machine."""
+    return int(hashlib.sha1(key.encode('utf-8')).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
 def split_for_key(key: str, eval_fraction: float) -> str:
     """Deterministic train/eval assignment from a hash of the sample key."""
-    bucket = int(hashlib.sha1(key.encode('utf-8')).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return 'eval' if bucket < eval_fraction else 'train'
+    return 'eval' if _bucket(key) < eval_fraction else 'train'
+
+
+def held_out_keys(keys: Sequence[str], eval_fraction: float,
+                  usable: Callable[[str], bool] = lambda key: True) -> set[str]:
+    """The keys of the eval split of a whole dataset: those :func:`split_for_key` holds out, and for a small set
+    that the hash leaves without a usable one, the ``round(n * eval_fraction)`` (at least one) keys of lowest hash
+    that ``usable`` accepts (a converter checks that the item converts, so only a few are tried), so that any set of
+    2+ items has an eval split when ``eval_fraction > 0``. Deterministic for a given set of keys."""
+    keys = sorted(set(keys))
+    held = {k for k in keys if split_for_key(k, eval_fraction) == 'eval'}
+    if len(held) < 8:  # a small set's few held-out keys: each must be kept for the split to exist
+        held = {k for k in held if usable(k)}
+    if held or eval_fraction <= 0 or len(keys) < 2:
+        return held
+    want = min(len(keys) - 1, max(1, round(len(keys) * eval_fraction)))
+    for key in sorted(keys, key=_bucket):
+        if len(held) == want:
+            break
+        if usable(key):
+            held.add(key)
+    return held
 
 
 def make_sample(clean: Any, *, key: str, caption: str, caption_source: str, license_id: str, creator: str,
@@ -133,6 +157,20 @@ def columns_for(image_format: str) -> dict[str, str]:
     return dict(DEFAULT_COLUMNS, image=image_format)
 
 
+class ConfigChanged(ValueError):
+    """A resume asked for with other arguments than the dataset in ``out`` was written with.
+
+    ``changed`` maps each differing argument to (recorded value, new value); :mod:`diffusion.data.cli` turns it
+    into one line naming the options as a user types them.
+    """
+
+    def __init__(self, out: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+        self.out = out
+        self.changed = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+        super().__init__(f'{out} holds a dataset written with other arguments ({self.changed}: recorded, now); '
+                         f'use another out folder, the same arguments, or overwrite=True')
+
+
 class DatasetWriter:
     """Resumable, atomic, de-duplicating writer of an MDS dataset with train/eval splits.
 
@@ -144,7 +182,7 @@ class DatasetWriter:
         commit_every: Samples per committed part; at most this many are redone after a kill.
         eval_fraction: Share of keys hashed into the ``eval`` split when :meth:`write` gets no split.
         dedup: Skip samples whose ``sha256`` was already written (reason ``duplicate``).
-        config: The converter's arguments. A resume whose config differs raises ``ValueError``.
+        config: The converter's arguments. A resume whose config differs raises :class:`ConfigChanged`.
         overwrite: Delete an existing dataset in ``out`` instead of resuming it (single rank only).
         rank: This writer is one of several ranks writing ``out`` (see the module docstring).
     """
@@ -198,8 +236,7 @@ class DatasetWriter:
         if path.exists():
             old = json.loads(path.read_text())
             if old != config:
-                raise ValueError(f'{self.out} holds a dataset written with other arguments ({old}); '
-                                 f'use another --out, the same arguments, or overwrite=True')
+                raise ConfigChanged(self.out, old, config)
         else:
             write_json_atomic(path, config)
 
@@ -259,9 +296,10 @@ class DatasetWriter:
             self.commit()
         return True
 
-    def skip(self, reason: str, key: str | None = None, source: str = '') -> None:
-        """Count a skipped sample under ``reason`` (and remember ``key`` as done once committed)."""
-        self._part_skipped.append([key or '', reason, source])
+    def skip(self, reason: str, key: str | None = None, source: str = '', name: str = '', detail: str = '') -> None:
+        """Count a skipped sample under ``reason`` (and remember ``key`` as done once committed); ``name`` (the
+        file the user knows it by) and ``detail`` (the error) are listed in the report's ``skipped_files``."""
+        self._part_skipped.append([key or '', reason, source, name, detail])
         if key:
             self._done.add(key)
 
@@ -312,19 +350,25 @@ class DatasetWriter:
 # Merging parts: the one index merge and the one attribution writer (also used by mds_rows)
 # ---------------------------------------------------------------------------------------------
 def summarize(kept: Sequence[dict[str, Any]], skipped: Sequence[Sequence[str]]) -> dict[str, Any]:
-    """Counts kept and skipped: totals, per split, per source and per reason."""
+    """Counts kept and skipped: totals, per split, per source and per reason; every skipped file by name.
+
+    A skipped row is ``[key, reason, source]`` and, since skipped files are named, ``name`` and ``detail``.
+    """
     by_source: dict[str, dict[str, Any]] = defaultdict(lambda: {'kept': 0, 'skipped': Counter()})
     for row in kept:
         by_source[row['source']]['kept'] += 1
-    for _, reason, source in skipped:
-        by_source[source]['skipped'][reason] += 1
+    for row in skipped:
+        by_source[row[2]]['skipped'][row[1]] += 1
+    files = [{'name': (row[3] if len(row) > 3 else '') or row[0], 'reason': row[1],
+              'detail': row[4] if len(row) > 4 else ''} for row in skipped]
     return {
         'kept': len(kept),
         'skipped': len(skipped),
         'splits': dict(Counter(row['split'] for row in kept)),
-        'skipped_by_reason': dict(Counter(reason for _, reason, _ in skipped)),
+        'skipped_by_reason': dict(Counter(row[1] for row in skipped)),
         'by_source': {s: {'kept': v['kept'], 'skipped': dict(v['skipped'])}
                       for s, v in sorted(by_source.items())},
+        'skipped_files': files,
     }
 
 
@@ -392,117 +436,3 @@ def merge_ranks(out: str | os.PathLike) -> dict[str, Any]:
     write_json_atomic(out / 'report.json', report)
     write_attribution(out / 'attribution.csv', kept)
     return report
-
-
-# ---------------------------------------------------------------------------------------------
-# Parallel conversion
-# ---------------------------------------------------------------------------------------------
-def _guarded(fn: Callable[[Any], dict[str, Any]], item: Any) -> tuple[str, Any]:
-    """Run ``fn`` in a worker; a bad item becomes ('skip', reason) instead of killing the run."""
-    try:
-        return 'ok', fn(item)
-    except SkipSample as err:
-        return 'skip', err.reason
-    except Exception as err:  # noqa: BLE001 - one broken file must never end the run
-        log.warning('unexpected error on %r: %s: %s', item, type(err).__name__, err)
-        return 'skip', f'error_{type(err).__name__}'
-
-
-_WORKER_FN: Callable[[Any], dict[str, Any]] | None = None  # set before forking; inherited by workers
-
-
-def _call_worker_fn(item: Any) -> tuple[str, Any]:
-    assert _WORKER_FN is not None
-    return _guarded(_WORKER_FN, item)
-
-
-def run_conversion(fn: Callable[[Any], dict[str, Any]],
-                   items: Sequence[Any],
-                   writer: DatasetWriter,
-                   *,
-                   key: Callable[[Any], str],
-                   source: Callable[[Any], str] = lambda item: '',
-                   split: Callable[[Any], str | None] = lambda item: None,
-                   workers: int = 1,
-                   desc: str = 'convert',
-                   chunksize: int | None = None) -> None:
-    """Convert ``items`` with ``fn`` over ``workers`` processes and write them in input order.
-
-    ``fn(item)`` returns a sample dict or raises :class:`SkipSample`. Items whose key the writer
-    already holds are not re-processed. Output order does not depend on ``workers``. ``chunksize`` (items
-    sent to a worker at once) defaults to about 1/32 of a worker's share, at most 16: per-item costs vary
-    a hundredfold between sources (a large SVG against a 64 px PNG), and big chunks leave one worker
-    finishing a chunk of slow items alone at the end, while sending an item costs well under a millisecond.
-    """
-    global _WORKER_FN
-    pending = [item for item in items if not writer.done(key(item))]
-    _WORKER_FN = fn  # forked workers inherit it, so ``fn`` need not be picklable
-    bar = tqdm(total=len(pending), desc=desc, unit='img', dynamic_ncols=True)
-    pool = None
-    try:
-        if workers > 1:
-            import multiprocessing
-            # fork, so ``fn`` need not be picklable. Call this from a process that has not yet run torch's thread
-            # pools (the convert/ CLIs): forking after threads have started can deadlock the children.
-            pool = multiprocessing.get_context('fork').Pool(workers)
-            chunk = chunksize or max(1, min(16, len(pending) // (32 * workers)))
-            results: Iterable[tuple[str, Any]] = pool.imap(_call_worker_fn, pending, chunksize=chunk)
-        else:
-            results = map(_call_worker_fn, pending)
-        for item, (status, value) in zip(pending, results):
-            if status == 'ok':
-                writer.write(value, split=split(item))
-            else:
-                writer.skip(value, key=key(item), source=source(item))
-            bar.update(1)
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-        _WORKER_FN = None
-
-
-# ---------------------------------------------------------------------------------------------
-# Command-line options shared by the converters
-# ---------------------------------------------------------------------------------------------
-def add_writer_args(parser: Any) -> None:
-    """Add the options every converter takes to an ``argparse.ArgumentParser``."""
-    group = parser.add_argument_group('output')
-    group.add_argument('--out', required=True, help='output folder (MDS splits, report.json, attribution.csv)')
-    group.add_argument('--workers', type=int, default=1, help='worker processes')
-    group.add_argument('--size', type=int, default=512, help='longer side of stored images (no upscaling)')
-    group.add_argument('--min-size', type=int, default=64, help='minimum shorter side of a source image')
-    group.add_argument('--max-pixels', type=int, default=89_478_485, help='decompression-bomb limit (w*h)')
-    group.add_argument('--image-format', choices=('jpeg', 'png'), default='jpeg')
-    group.add_argument('--quality', type=int, default=90, help='JPEG quality')
-    group.add_argument('--compression', default=None, help='MDS shard compression, e.g. zstd (default none)')
-    group.add_argument('--size-limit', default='64mb', help='MDS shard size limit')
-    group.add_argument('--eval-fraction', type=float, default=0.05, help='share of keys in the eval split')
-    group.add_argument('--commit-every', type=int, default=256, help='samples per committed part')
-    group.add_argument('--overwrite', action='store_true', help='delete --out first instead of resuming')
-
-
-# Options that may change between resumed runs (every rank of a multi-rank run records the same config).
-_RUN_ONLY = ('workers', 'overwrite', 'cache_dir', 'rank', 'merge')
-
-
-def writer_from_args(args: Any, rank: int | None = None,
-                     extra_columns: dict[str, str] | None = None) -> DatasetWriter:
-    """Build the :class:`DatasetWriter` for a converter's parsed arguments (``rank``: one of several ranks).
-
-    ``extra_columns`` adds a converter's own columns (name -> MDS encoding) to :data:`DEFAULT_COLUMNS`.
-    """
-    config = {k: v for k, v in sorted(vars(args).items()) if k not in _RUN_ONLY}
-    columns = dict(columns_for(args.image_format), **(extra_columns or {}))
-    return DatasetWriter(args.out, columns, compression=args.compression,
-                         size_limit=args.size_limit, commit_every=args.commit_every,
-                         eval_fraction=args.eval_fraction, config=config, overwrite=args.overwrite, rank=rank)
-
-
-def print_summary(report: dict[str, Any], out: str | os.PathLike) -> None:
-    """The short end-of-run summary every converter CLI prints."""
-    print(f'kept {report["kept"]} (splits {report["splits"]}), skipped {report["skipped"]} '
-          f'{report["skipped_by_reason"]} -> {out}')
-    for source, counts in report['by_source'].items():
-        print(f'  {source or "-"}: kept {counts["kept"]}, skipped {counts["skipped"]}')
