@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence, Union
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-__all__ = ['ConfigError', 'TrainConfig', 'check_data_paths', 'cli_config', 'run_cli', 'load_config', 'load_yaml', 'save_config',
+__all__ = ['ConfigError', 'TrainConfig', 'check_data_paths', 'check_variables', 'cli_config', 'run_cli', 'load_config', 'load_yaml', 'save_config',
            'time_string_error', 'to_container', 'validate']
 
 
@@ -186,6 +186,38 @@ def _merge(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
         raise ConfigError(f'bad override: {err}') from err
 
 
+_VARIABLE_USE = re.compile(r'\$\{variables(?:\.([A-Za-z0-9_-]+))?')
+
+
+def check_variables(cfg: DictConfig, defined: set[str]) -> None:
+    """A name under ``variables:`` that no ``${variables.NAME}`` uses and the YAML does not define (a typo such as
+    ``variables.dat=my_photos``) is an error naming the known variables.
+
+    Args:
+        cfg: The merged, unresolved config.
+        defined: The variable names the YAML (with its ``base:``) defines before the overrides.
+
+    Raises:
+        ConfigError: Naming the unknown variable(s) and the known ones.
+    """
+    import difflib
+    given = cfg.get('variables')
+    if not isinstance(given, DictConfig):
+        return
+    used: set[str] = set()
+    for match in _VARIABLE_USE.finditer(OmegaConf.to_yaml(cfg)):  # the unresolved text holds every ${...}
+        if match.group(1) is None:
+            return  # `${variables}` as a whole: every name is used
+        used.add(match.group(1))
+    unknown = sorted(set(given) - used - defined)
+    if unknown:
+        known = sorted(used | defined)
+        close = {n: difflib.get_close_matches(n, known, n=1) for n in unknown}
+        hints = ''.join(f' (did you mean `variables.{c[0]}`?)' for c in close.values() if c)
+        raise ConfigError(f'unknown variable(s) {unknown}: no `${{variables.NAME}}` in the config uses '
+                          f'{"it" if len(unknown) == 1 else "them"}{hints}. Known variables: {known}.')
+
+
 def to_container(cfg: DictConfig) -> dict[str, Any]:
     """Resolve interpolations (``${variables.x}``) into a plain dict."""
     try:
@@ -272,7 +304,9 @@ def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = 
     if (path is None) == (base is None):
         raise ValueError('give exactly one of path or base')
     cfg = load_yaml(path) if path is not None else OmegaConf.create(base)
+    defined = set(cfg.get('variables') or {}) if isinstance(cfg.get('variables'), DictConfig) else set()
     cfg = _merge(cfg, overrides)
+    check_variables(cfg, defined)
     raw = to_container(cfg)
     raw.pop('variables', None)
     return validate(raw, schema)

@@ -112,6 +112,7 @@ MISTAKES = [
     ('algorithms={ema: {half_lif: 3ba}}', ['algorithms.ema', "'half_lif'", 'half_life']),
     ('global_train_batch_size=abc', ['global_train_batch_size', 'int']),
     ('deterministic_mode=maybe', ['deterministic_mode', 'bool']),
+    ('variables.dat=my_photos', ["['dat']", 'variables.data', "Known variables: ['data', 'resolution', 'run_name']"]),
 ]
 
 
@@ -149,3 +150,16 @@ def test_streams_with_a_missing_folder_are_named(demo_photos, tmp_path):
     cfg = load_config(base={**BASE, 'train_loader': {'name': 'image_caption', 'streams': streams}})
     with pytest.raises(ConfigError, match=r'train_loader\.streams\[1\]\.local'):
         check_data_paths(cfg)
+
+
+def test_variable_typo_is_an_error_naming_the_known_variables(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown variable\(s\) \['lrr'\].*Known variables: \['lr'\]"):
+        load_config(base=BASE, overrides=['variables.lrr=0.1'])
+    assert load_config(base=BASE, overrides=['variables.lr=0.1']).optimizer['lr'] == 0.1
+    # A variable the YAML (or its base) defines may go unused; one only an override adds must be used.
+    (tmp_path / 'base.yaml').write_text('variables: {spare: 1, lr: 0.5}\n' + '\n'.join(
+        f'{k}: {v!r}' for k, v in BASE.items() if k != 'variables').replace("'", '"'))
+    (tmp_path / 'child.yaml').write_text('base: base.yaml\nvariables: {extra: 2}\nseed: ${variables.extra}\n')
+    assert load_config(tmp_path / 'child.yaml', ['variables.spare=3']).seed == 2
+    with pytest.raises(ConfigError, match='spar'):
+        load_config(tmp_path / 'child.yaml', ['variables.spar=3'])
