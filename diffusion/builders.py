@@ -19,6 +19,7 @@ __all__ = ['COMPONENT_MODULES', 'import_components', 'build_mapping', 'check_com
 # Modules whose import registers components by name. Listed once, here.
 COMPONENT_MODULES = (
     'diffusion.schedules',
+    'diffusion.flow_matching',
     'diffusion.models',
     'diffusion.data.dataset',
     'diffusion.algorithms',

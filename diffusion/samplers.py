@@ -36,6 +36,8 @@ from tqdm.auto import tqdm
 # DDIM is not an EDM sampler at all, so a fixed 'ddim' default fails on every EDM model.
 EDM_SAMPLING = {'sampler': 'heun', 'num_inference_steps': 30, 'guidance_scale': 5.0}
 DDPM_SAMPLING = {'sampler': 'ddim', 'num_inference_steps': 50, 'guidance_scale': 7.5}
+# Flow-matching models sample with the Euler ODE sampler, 28 steps, guidance 7 (diffusers' SD3 pipeline defaults).
+FLOW_SAMPLING = {'sampler': 'euler', 'num_inference_steps': 28, 'guidance_scale': 7.0}
 
 
 def sampling_defaults(model: Any, ddpm: Optional[dict[str, Any]] = None) -> dict[str, Any]:
@@ -50,6 +52,8 @@ def sampling_defaults(model: Any, ddpm: Optional[dict[str, Any]] = None) -> dict
     schedule = getattr(model, 'noise_schedule', model)
     if getattr(schedule, 'prediction_type', None) == 'edm':
         return dict(EDM_SAMPLING)
+    if getattr(schedule, 'prediction_type', None) == 'flow_prediction':
+        return dict(FLOW_SAMPLING)
     return dict(DDPM_SAMPLING if ddpm is None else ddpm)
 
 
@@ -204,10 +208,12 @@ def sample(denoise_fn: DenoiseFn, scheduler, shape: tuple[int, ...], *, num_step
         if tuple(init_noise.shape) != tuple(shape):
             raise ValueError(f'init_noise has shape {tuple(init_noise.shape)}, expected {tuple(shape)}')
         latents = init_noise.to(device=device, dtype=dtype)
-    latents = latents * scheduler.init_noise_sigma
+    # diffusers' flow-matching schedulers start at unit noise and take x_t as it is: no init sigma, no input scaling
+    latents = latents * getattr(scheduler, 'init_noise_sigma', 1.0)
+    scale_input = getattr(scheduler, 'scale_model_input', lambda x, t: x)
     step_kwargs = {'generator': generator} if 'generator' in inspect.signature(scheduler.step).parameters else {}
     for t in tqdm(scheduler.timesteps, desc='sampling', disable=not progress, leave=False):
-        x_in = scheduler.scale_model_input(latents, t)
+        x_in = scale_input(latents, t)
         output = denoise_fn(x_in, t)
         latents = scheduler.step(output, t, latents, return_dict=False, **step_kwargs)[0]
     return latents

@@ -69,6 +69,10 @@ def _scheduler(model: Any, sampler: str) -> Any:
     if not hasattr(diffusers, type(scheduler).__name__):
         raise ExportError(f'sampler {sampler!r} uses {type(scheduler).__name__}, which is not a diffusers class; '
                           'pick a sampler with a diffusers scheduler (e.g. euler or dpmpp_2m for EDM)')
+    if not hasattr(scheduler, 'scale_model_input'):  # diffusers' flow-matching schedulers (SD3 / Flux pipelines)
+        raise ExportError(f'{type(scheduler).__name__} has no scale_model_input / init_noise_sigma, which the SD and '
+                          'SDXL pipelines call: a flow-matching model exports natively (`python -m '
+                          'diffusion.export.native`)')
     config = scheduler.config
     if config.get('timestep_spacing') == 'leading' and config.get('steps_offset', 1) != 1:
         # StableDiffusionPipeline.__init__ rewrites steps_offset to 1 on every load, which shifts 'leading'
