@@ -11,6 +11,7 @@ architecture follows the public code, SonyResearch/micro_diffusion (``micro_diff
 * a patch-mixer (its own width/depth) over all tokens, then **deferred masking**: the backbone runs on a random
   subset of the tokens, the masked slots of the output are zeros (no decoder);
 * expert-choice mixture of experts in every second block but the last, in the backbone and the mixer.
+* optional TREAD token routing in training (``tread``, ``diffusion/models/token_routing.py``).
 
 The backbone is registered as ``microdit`` in :data:`diffusion.registry.backbones` and plugs into
 ``LatentDiffusion`` with the UNet's call signature.
@@ -27,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion.models.conditioning import CONDITIONING_MODES, ControlEmbedding
+from diffusion.models.token_routing import run_blocks, tread_config
 from diffusion.models.layers import (Attention, ExpertChoiceMoE, Mlp, SwiGLU, TimestepEmbedder, layer_norm, modulate,
                                      round_up, sincos_pos_embed_2d, swiglu_hidden)
 from diffusion.registry import backbones
@@ -80,6 +82,8 @@ class MicroDiTConfig:
     keep_pooled_text: bool = False
     control_feature_dim: int = 64
     control_gate_end: Any = 1.0  # float, or {group: u_end} (groups: size, crop)
+    # TREAD token routing in training, {ratio, start, end} (diffusion/models/token_routing.py); None: off.
+    tread: Optional[dict[str, Any]] = None
 
 
 def microdit_xl_2() -> MicroDiTConfig:
@@ -244,6 +248,7 @@ class MicroDiT(nn.Module):
         self.config = cfg = config
         self.mask_ratio = cfg.mask_ratio
         self.moe_lr_scale = cfg.moe_lr_scale
+        self.tread = tread_config(cfg.tread, cfg.depth)  # applied in training mode only (see forward)
         # The last mixer block's experts skip the tokens masking drops, on CPU tensors only (see forward).
         self.skip_dropped_experts = True
         dim, eps, p = cfg.dim, cfg.norm_eps, cfg.patch_size
@@ -414,8 +419,8 @@ class MicroDiT(nn.Module):
             x = keep_tokens(x, ids_keep)  # (N, K, D_mixer)
         if self.config.use_patch_mixer:
             x = self.patch_mixer_map_xout(x)  # (N, K, D): projected after masking, to save compute
-        for block in self.blocks:
-            x = block(x, y, c, text_mask)  # (N, K, D)
+        routing = self.tread if self.training else None  # TREAD: routed tokens skip a range of blocks
+        x = run_blocks(self.blocks, x, lambda block, h: block(h, y, c, text_mask), routing)  # (N, K, D)
         shift, scale = self.final_adaLN(c).chunk(2, dim=1)
         x = self.final_linear(modulate(self.final_norm(x), shift, scale))  # (N, K, p*p*C)
         if masked:
