@@ -18,6 +18,10 @@ is skipped when the demo runs again, `--force` redoes everything):
 
 `--quick` runs the same stages for the UNet only, with fewer steps and 128 held-out images, into
 outputs/demo-quick/ (and data/demo/latents-quick).
+
+`--data my_folder` runs the learning route on your own captioned images instead (x.jpg + x.txt; also a manifest,
+tar shards or a Hugging Face datasets folder): convert (with `--license`/`--creator`), autoencoder, latents, UNet,
+held-out evaluation, export with a model card; see scripts/demo_own.py and docs/own-data.md.
 """
 from __future__ import annotations
 
@@ -52,7 +56,7 @@ MODELS = {'unet': ('yamls/demo/unet.yaml', 'ddim'), 'microdit': ('yamls/demo/mic
 def step(name: str, cmd: list[str], done: Path, force: bool, log_dir: Path) -> float:
     """Run one stage unless its output exists; its output goes to the console and to a log file."""
     if done.exists() and not force:
-        print(f'== {name}: already done ({done.relative_to(REPO)}), skipped', flush=True)
+        print(f'== {name}: already done ({os.path.relpath(done, REPO)}), skipped', flush=True)
         return 0.0
     print(f'== {name}: {" ".join(cmd)}', flush=True)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -77,12 +81,20 @@ def _read_json(path: Path) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument('--quick', action='store_true', help='fewer steps and images (under 10 min on 2 idle cores)')
     parser.add_argument('--models', nargs='+', choices=sorted(MODELS), default=None,
                         help='default: unet and microdit; --quick: unet')
     parser.add_argument('--captioner', default=None, help='an image-to-text model folder to telephone captions')
     parser.add_argument('--force', action='store_true', help='redo every stage')
+    own = parser.add_argument_group('your own images (instead of the emoji catalog)')
+    own.add_argument('--data', default=None, help='folder of captioned images (x.jpg + x.txt), manifest, tar shards '
+                     'or Hugging Face datasets folder: runs convert, autoencoder, latents, unet, eval, export on it')
+    own.add_argument('--root', type=Path, default=REPO, help='folder of its data/ and outputs/ (default: the repo)')
+    own.add_argument('--name', default=None, help='name of its data/<name>/ and outputs/<name>/ (default: folder name)')
+    own.add_argument('--license', default=None, help='licence of your images (e.g. CC-BY-4.0), for the model card')
+    own.add_argument('--creator', default=None, help='creator of your images, for the model card and attribution')
     for key, value in PROFILES['full'].items():
         parser.add_argument(f'--{key.replace("_", "-")}', type=int, default=None,
                             help=f'override the profile (full: {value}, quick: {PROFILES["quick"][key]})')
@@ -92,6 +104,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.models is None:
         args.models = ['unet'] if args.quick else ['unet', 'microdit']
+    if args.data is None and (args.license or args.creator or args.name):
+        parser.error('--license, --creator and --name go with --data (your own images)')
+    if args.data is not None and not Path(args.data).exists():
+        parser.error(f'--data {args.data} does not exist')
     return args
 
 
@@ -162,6 +178,12 @@ def eval_stages(args: argparse.Namespace, paths: dict[str, Path], times: dict[st
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.data is not None:
+        from demo_own import own_data_stages, own_data_summary  # scripts/ is on sys.path: this script's folder
+        start = time.time()
+        times = own_data_stages(args, REPO, PY, step)
+        own_data_summary(args, REPO, times, time.time() - start)
+        return
     variant = 'demo-quick' if args.quick else 'demo'
     root = REPO / 'outputs' / variant
     paths = {'root': root, 'logs': root / 'logs', 'catalog': REPO / 'data' / 'demo' / 'catalog',
