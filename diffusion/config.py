@@ -313,7 +313,8 @@ def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = 
 
 
 def cli_config(argv: Optional[Sequence[str]], usage: str, schema: Optional[type] = None) -> tuple[Any, int]:
-    """The shared front of the ``run*.py`` commands: ``PROG CONFIG.yaml [key.path=value ...]``.
+    """The shared front of the ``run*.py`` commands: ``PROG CONFIG.yaml [key.path=value ...]`` (or, where the
+    schema needs no YAML, ``PROG key=value ...``).
 
     Args:
         argv: Arguments after the program name (default ``sys.argv[1:]``).
@@ -331,6 +332,8 @@ def cli_config(argv: Optional[Sequence[str]], usage: str, schema: Optional[type]
         return None, 0 if argv else 2
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
     try:
+        if '=' in argv[0] and not argv[0].endswith(('.yaml', '.yml')):  # no YAML: every setting on the command line
+            return load_config(base={}, overrides=argv, schema=schema), 0
         return load_config(argv[0], argv[1:], schema=schema), 0
     except ConfigError as err:
         print(f'config error: {err}', file=sys.stderr)

@@ -127,3 +127,19 @@ def test_frechet_distance_matches_torchmetrics_public_fid():
     kid = KernelInceptionDistance(feature=_GivenFeatures(), subset_size=10)
     kid.update(real, real=True)
     assert torch.equal(torch.cat(kid.metric_state['real_features']), real)
+
+
+def test_eval_of_a_run_folder_uses_its_own_images_and_says_the_set_is_tiny(tmp_path_factory, demo_photos, tmp_path,
+                                                                            capsys):
+    from diffusion.evaluation.evaluate import main
+    run_dir = trained_run(tmp_path_factory, demo_photos)
+    (tmp_path / 'run').mkdir()
+    (tmp_path / 'run' / 'checkpoints').symlink_to(run_dir)
+    assert main([str(REPO / 'yamls/eval/tiny-cpu.yaml'), f'checkpoint={tmp_path / "run"}', 'num_images=3',
+                 'guidance_scales=[2.0]', 'num_inference_steps=2', 'height=32', 'width=32', 'kid_subsets=2']) == 0
+    out = capsys.readouterr().out
+    assert f"reference: the run's held-out set, {demo_photos}" in out  # the data it was trained with, not a default
+    assert out.count('using ') == 1 and '(ema weights, batch 2)' in out
+    assert 'note: FID and KID from 3 images only check the machinery' in out
+    saved = json.loads((tmp_path / 'run' / 'eval' / 'results.json').read_text())
+    assert saved['note'].startswith('note: FID and KID from 3 images')

@@ -37,11 +37,14 @@ def test_read_prompts_formats(tmp_path):
 def test_generate_yamls_validate():
     for path in sorted((REPO / 'yamls/generate').glob('*.yaml')):
         cfg = load_config(path, ['checkpoint=x'], schema=GenerateConfig)
-        assert cfg.out_dir and cfg.prompts
+        assert cfg.prompts and cfg.out_dir is None  # the output goes beside the run given
+        settings = [line.split('#')[0] for line in path.read_text().splitlines()]
+        assert not any('outputs/' in line for line in settings), path  # no YAML names a run
     with pytest.raises(ConfigError, match='guidance'):
-        load_config(REPO / 'yamls/generate/tiny-cpu.yaml', ['guidance=3'], schema=GenerateConfig)
+        load_config(REPO / 'yamls/generate/tiny-cpu.yaml', ['checkpoint=x', 'guidance=3'], schema=GenerateConfig)
     with pytest.raises(ConfigError, match='batch_size'):
-        load_config(REPO / 'yamls/generate/tiny-cpu.yaml', ['batch_size=four'], schema=GenerateConfig)
+        load_config(REPO / 'yamls/generate/tiny-cpu.yaml', ['checkpoint=x', 'batch_size=four'],
+                    schema=GenerateConfig)
 
 
 @pytest.fixture(scope='module')
@@ -98,5 +101,37 @@ def test_resume_refuses_other_settings(gen_run):
 def test_cli_reports_bad_input(tmp_path, capsys):
     assert main([str(REPO / 'yamls/generate/tiny-cpu.yaml'), 'no_such_key=1']) == 2
     assert 'no_such_key' in capsys.readouterr().err
-    assert main([str(REPO / 'yamls/generate/tiny-cpu.yaml'), f'prompts={tmp_path / "missing.txt"}']) == 2
+    assert main([str(REPO / 'yamls/generate/tiny-cpu.yaml'), 'checkpoint=x', f'prompts={tmp_path / "missing.txt"}']) == 2
     assert 'missing.txt' in capsys.readouterr().err
+
+
+@pytest.fixture(scope='module')
+def run_dir(tmp_path_factory, demo_photos):
+    return trained_run(tmp_path_factory, demo_photos)
+
+
+def test_cli_mistakes_are_one_line_before_the_model_loads(run_dir, tmp_path, capsys):
+    for args, words in [(['checkpoint=/no/such/run', 'prompts=["a cat"]'], ['/no/such/run', 'does not exist']),
+                        ([f'checkpoint={tmp_path}', 'prompts=["a cat"]'], ['holds no composer checkpoint']),
+                        ([f'checkpoint={run_dir}', 'prompts=a ginger cat on a sofa'],
+                         ["'a ginger cat on a sofa'", 'does not exist', 'prompts=\'["'])]:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and all(w in err for w in words), (args, err)
+
+
+def test_run_folder_and_inline_prompts_without_a_yaml(run_dir, tmp_path, capsys):
+    # outputs/RUN/checkpoints as the recipes lay a run out; the run folder is what the user gives.
+    (tmp_path / 'run').mkdir()
+    (tmp_path / 'run' / 'checkpoints').symlink_to(run_dir)
+    common = [f'checkpoint={tmp_path / "run"}', 'prompts=["a cat","a dog"]', 'num_inference_steps=2', 'height=32',
+              'width=32', 'contact_sheet=0']
+    assert main(common) == 0
+    out = capsys.readouterr().out
+    assert 'using ' in out and '(ema weights, batch 2)' in out and out.count('using ') == 1, out
+    first = tmp_path / 'run' / 'generate'
+    assert [json.loads(x)['prompt'] for x in (first / 'manifest.jsonl').read_text().splitlines()] == ['a cat', 'a dog']
+    # Other settings: a new folder beside it, not an error and not mixed in.
+    assert main(common + ['seed=5']) == 0
+    assert len((tmp_path / 'run' / 'generate-2' / 'manifest.jsonl').read_text().splitlines()) == 2
+    assert len((first / 'manifest.jsonl').read_text().splitlines()) == 2

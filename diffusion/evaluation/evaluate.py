@@ -1,6 +1,8 @@
 """Evaluation: FID / KID / CLIP score over a sweep of guidance scales, as JSON and a plotted curve.
 
-``python run_eval.py yamls/eval/tiny-cpu.yaml [key=value ...]``
+``python run_eval.py yamls/eval/tiny-cpu.yaml checkpoint=outputs/RUN [key=value ...]``
+(``checkpoint``: a run folder, its ``checkpoints/`` folder or a .pt file; by default the reference is the run's own
+held-out set and the output goes to ``outputs/RUN/eval``; see diffusion/evaluation/run_args.py)
 
 For every guidance scale the model generates one image per prompt (by default: the captions of the reference
 split, COCO-30K style) into ``out_dir/generated/g<scale>/`` with :mod:`diffusion.evaluation.generate` (so a sweep resumes
@@ -26,6 +28,7 @@ from PIL import Image
 
 from diffusion.data.dataset import center_crop
 from diffusion.evaluation.metrics import ImageMetrics, inception_path
+from diffusion.evaluation.run_args import small_eval_note
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +41,14 @@ IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
 @dataclass
 class EvalConfig:
     """Top-level keys of an evaluation YAML (``yamls/eval/*.yaml``)."""
-    reference: str  # an MDS dataset folder (with `split`) or a folder of images
-    out_dir: str
-    checkpoint: Optional[str] = None  # composer checkpoint or save folder; not needed with `generated`
+    # an MDS dataset folder (with `reference_split`) or a folder of images; default: the run's eval_loader data
+    reference: Optional[str] = None
+    out_dir: Optional[str] = None  # default: beside the run, <run folder>/eval
+    checkpoint: Optional[str] = None  # run folder, save folder or .pt file; not needed with `generated`
     generated: Optional[str] = None  # score an existing folder of images (e.g. a run_generate out_dir) instead
     reference_split: Optional[str] = None
     num_images: Optional[int] = None  # reference images / prompts to use (default: all)
-    prompts: Optional[str] = None  # prompt file; default: the reference set's captions
+    prompts: Any = None  # prompt file or inline list; default: the reference set's captions
     prompt_column: Optional[str] = None
     guidance_scales: list = field(default_factory=lambda: [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0])
     # disentangled conditioning: also sweep a separate control guidance scale (grid with guidance_scales)
@@ -130,6 +134,8 @@ def _generate_sweep(cfg: EvalConfig, prompts: Sequence[str]) -> tuple[dict[float
     device = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     model, info = load_model(cfg.checkpoint, cfg.config, cfg.weights, device=device,
                              allow_unsafe=cfg.allow_unsafe_pickle, overrides=tuple(cfg.model_overrides))
+    from diffusion.evaluation.run_args import checkpoint_line
+    print(checkpoint_line(info), flush=True)
     size = default_size(model)
     chosen = resolve_sampling(model, cfg.sampler, cfg.num_inference_steps, 0.0)  # the sweep sets the guidance
     cfg.sampler, cfg.num_inference_steps = chosen['sampler'], chosen['num_inference_steps']  # recorded in results
@@ -149,6 +155,24 @@ def _generate_sweep(cfg: EvalConfig, prompts: Sequence[str]) -> tuple[dict[float
     return folders, info.as_dict(), cfg.height or size
 
 
+def _resolve_run_args(cfg: EvalConfig) -> None:
+    """Checkpoint, prompts, reference and out_dir from what the command line gave (one-line errors, before the
+    model loads): the run's own held-out set and ``<run folder>/eval`` by default."""
+    from diffusion.evaluation.run_args import checkpoint_source, inline_or_file_prompts, record_folder, run_reference
+    if cfg.checkpoint is not None:
+        cfg.checkpoint = checkpoint_source(cfg.checkpoint)
+    cfg.prompts = inline_or_file_prompts(cfg.prompts) or cfg.prompts
+    if cfg.reference is None:
+        if cfg.checkpoint is None:
+            raise ValueError('give reference=DATASET_FOLDER (the images to score the generated folder against)')
+        cfg.reference, split = run_reference(cfg.checkpoint, cfg.config)
+        cfg.reference_split = split or cfg.reference_split
+        print(f'reference: the run\'s held-out set, {cfg.reference} (split {cfg.reference_split})', flush=True)
+    if cfg.out_dir is None:
+        cfg.out_dir = str(record_folder(cfg.checkpoint) / 'eval' if cfg.checkpoint else Path(cfg.generated).parent /
+                          'eval')
+
+
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run the sweep (or score ``cfg.generated``) and write ``results.json`` and ``curve.png``.
 
@@ -159,13 +183,16 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         raise ValueError('give exactly one of `checkpoint` (generate and score) or `generated` (score a folder)')
     if not cfg.guidance_scales:
         raise ValueError('guidance_scales is empty')
+    _resolve_run_args(cfg)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ref_images, captions = load_reference(cfg.reference, cfg.reference_split, cfg.num_images)
     if cfg.generated is not None:
         folders, ckpt_info, gen_size = {(None, None): Path(cfg.generated)}, None, None
     else:
-        if cfg.prompts is not None:
+        if isinstance(cfg.prompts, list):
+            prompts = cfg.prompts[:cfg.num_images]
+        elif cfg.prompts is not None:
             from diffusion.evaluation.generate import read_prompts
             prompts = read_prompts(cfg.prompts, cfg.prompt_column, cfg.num_images)
         elif all(captions):
@@ -196,6 +223,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                      'inception': str(cfg.inception or inception_path()), 'clip_model': cfg.clip_model,
                      'resize': 'clean-fid (PIL bicubic, float32) to 299'},
         'results': rows,
+        'note': small_eval_note(metrics.num_reference, min(r['num_generated'] for r in rows)),
     }
     tmp = out / f'results.json.tmp{os.getpid()}'
     tmp.write_text(json.dumps(results, indent=2) + '\n', encoding='utf-8')
@@ -242,8 +270,8 @@ def plot_curve(rows: Sequence[dict[str, Any]], path: Path, x: str = 'auto') -> P
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``run_eval.py YAML [key=value ...]``: prints a table and the JSON path; exit status 2 on bad input."""
     from diffusion.config import run_cli
-    results, status = run_cli(argv, 'python run_eval.py yamls/eval/CONFIG.yaml [key=value ...]', EvalConfig,
-                              evaluate)
+    results, status = run_cli(argv, 'python run_eval.py [yamls/eval/CONFIG.yaml] checkpoint=outputs/RUN '
+                              '[key=value ...]', EvalConfig, evaluate)
     if results is None:
         return status
     print(f'{"guidance":>8} {"FID":>9} {"KID":>9} {"KID std":>8} {"CLIP":>7} {"n":>5}')
@@ -253,6 +281,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             g += f'/{r["control_guidance_scale"]:g}'
         clip = '-' if r['clip_score'] is None else f'{r["clip_score"]:.2f}'
         print(f'{g:>8} {r["fid"]:9.2f} {r["kid_mean"]:9.4f} {r["kid_std"]:8.4f} {clip:>7} {r["num_generated"]:5d}')
+    if results.get('note'):
+        print(results['note'])
     if results['results'][0]['clip_score'] is None:
         print(f'CLIP score unavailable: {results["results"][0]["clip_score_reason"]}')
     print(f'results: {Path(results["plot"]).with_name("results.json")}, curve: {results["plot"]}')

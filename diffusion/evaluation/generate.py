@@ -1,6 +1,8 @@
 """Batch generation from a prompt file: PNGs, a JSONL manifest, a contact sheet; resumable.
 
-``python run_generate.py yamls/generate/tiny-cpu.yaml [key=value ...]``
+``python run_generate.py checkpoint=outputs/RUN prompts='["a cat","a dog"]' [yamls/generate/X.yaml] [key=value ...]``
+(``checkpoint``: a run folder, its ``checkpoints/`` folder or a .pt file; ``prompts``: inline or a file; the
+output goes to ``outputs/RUN/generate`` unless ``out_dir`` is given; see diffusion/evaluation/run_args.py)
 
 Layout of ``out_dir``::
 
@@ -50,9 +52,11 @@ _GENERATE_KEYS = ('guidance_scale', 'num_inference_steps', 'sampler', 'height', 
 @dataclass
 class GenerateConfig:
     """Top-level keys of a generation YAML (``yamls/generate/*.yaml``)."""
-    checkpoint: str  # composer checkpoint file or its save folder
-    prompts: str  # .txt (one per line), .csv / .tsv (a prompt column), COCO captions .json, or .jsonl
-    out_dir: str
+    checkpoint: str  # composer checkpoint file, its save folder, or the run folder (outputs/RUN)
+    # inline ['a cat', 'a dog'], or a file: .txt (one per line), .csv / .tsv (a prompt column), COCO captions
+    # .json, or .jsonl
+    prompts: Any
+    out_dir: Optional[str] = None  # default: beside the run, <run folder>/generate (-2, -3 for other settings)
     config: Optional[str] = None  # train config; default: config.yaml beside the checkpoint
     weights: str = 'auto'  # auto (EMA if present) | ema | training
     prompt_column: Optional[str] = None  # CSV/TSV column; default: the first of PROMPT_COLUMNS present
@@ -238,10 +242,14 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
     Returns:
         A summary: ``out_dir``, ``num_images``, ``num_new``, ``contact_sheet``, ``checkpoint`` info.
     """
-    from diffusion.checkpoints import load_model
+    from diffusion.evaluation.run_args import (checkpoint_line, checkpoint_source, fresh_out_dir, inline_or_file_prompts,
+                                               record_folder)
     if cfg.batch_size < 1:
         raise ValueError(f'batch_size must be >= 1, got {cfg.batch_size}')
-    prompts = read_prompts(cfg.prompts, cfg.prompt_column, cfg.limit)
+    inline = inline_or_file_prompts(cfg.prompts)
+    prompts = inline[:cfg.limit] if inline else read_prompts(cfg.prompts, cfg.prompt_column, cfg.limit)
+    cfg.checkpoint = checkpoint_source(cfg.checkpoint)
+    from diffusion.checkpoints import load_model
     device = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     model, info = load_model(cfg.checkpoint, cfg.config, cfg.weights, device=device,
                              allow_unsafe=cfg.allow_unsafe_pickle, overrides=tuple(cfg.model_overrides))
@@ -249,6 +257,10 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
     settings = {**dataclasses.asdict(cfg), 'height': cfg.height or size, 'width': cfg.width or size,
                 'checkpoint': info.checkpoint, 'weights': info.weights,
                 **samplers.resolve_sampling(model, cfg.sampler, cfg.num_inference_steps, cfg.guidance_scale)}
+    if cfg.out_dir is None:
+        cfg.out_dir = settings['out_dir'] = str(fresh_out_dir(record_folder(cfg.checkpoint) / 'generate', settings,
+                                                              _IMAGE_SETTINGS))
+    print(f'{checkpoint_line(info)}; images into {cfg.out_dir}', flush=True)
     before = len(_read_manifest(Path(cfg.out_dir) / 'manifest.jsonl'))
     entries = generate_to_folder(model, prompts, cfg.out_dir, settings, cfg.batch_size)
     sheet = None
@@ -260,9 +272,10 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``run_generate.py YAML [key=value ...]``: exit status 2 with a readable message on a config error."""
+    """``run_generate.py [YAML] key=value ...``: exit status 2 with a readable message on a config error."""
     from diffusion.config import run_cli
-    summary, status = run_cli(argv, 'python run_generate.py yamls/generate/CONFIG.yaml [key=value ...]',
+    summary, status = run_cli(argv, 'python run_generate.py [yamls/generate/CONFIG.yaml] checkpoint=outputs/RUN '
+                              'prompts=\'["a cat","a dog"]\'|FILE [key=value ...]',
                               GenerateConfig, run)
     if summary is None:
         return status
