@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -149,9 +150,20 @@ def build_trainer(cfg: TrainConfig) -> Any:
 
 
 def train(cfg: TrainConfig) -> Any:
-    """Build the trainer, (evaluate first,) fit, print a summary and save it as ``summary.json``."""
+    """Build the trainer, (evaluate first,) fit, print a summary and save it as ``summary.json``; the log also
+    goes to ``<run folder>/train.log`` (diffusion/training/run_setup.py)."""
+    from diffusion.training.run_setup import run_log, set_process_threads, tensorboard_in_run_folder
+    with run_log(cfg, int(os.environ.get('RANK', 0))):
+        set_process_threads()
+        tensorboard_in_run_folder(cfg)
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> Any:
+    from diffusion.training.run_setup import attach_console
     start = time.time()
     trainer = build_trainer(cfg)
+    attach_console(trainer)
     if cfg.eval_first and trainer.state.evaluators and int(trainer.state.timestamp.batch) == 0:
         trainer.eval()  # the starting validation loss, to compare the end against
     trainer.fit()
@@ -174,6 +186,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return status
     try:
         check_data_paths(cfg)
+        from diffusion.training.run_setup import check_run_folder, overwrite_asked
+        if not cfg.dry_run:
+            check_run_folder(cfg, overwrite_asked(sys.argv[1:] if argv is None else argv))
     except ConfigError as err:
         print(f'config error: {err}', file=sys.stderr)
         return 2
