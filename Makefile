@@ -37,13 +37,9 @@ $(CATALOG_CACHE): $(STAMP)
 lock: install
 	$(UV) pip compile -q --python-version 3.11 requirements/requirements.in -o requirements/lock.txt
 
-# Three pytest processes: streaming 0.12 registers an atexit cleanup for every shared-memory block a dataset opens,
-# which keeps them (and their /dev/shm file handles) alive until the process exits; the suite in one or two
-# processes reached the 20,000 open-file limit.
+# One pytest process (tests/conftest.py releases each test module's streaming shared memory when the module ends).
 test: install $(CATALOG_CACHE)
-	$(PYTHON) -m pytest tests/test_[a-l]*.py
-	$(PYTHON) -m pytest tests/test_[m-s]*.py
-	$(PYTHON) -m pytest tests/test_[t-z]*.py
+	$(PYTHON) -m pytest
 
 demo: install
 	$(PYTHON) scripts/demo.py $(DEMO_ARGS)

@@ -29,3 +29,32 @@ def _registered_components():
     """Register every model, schedule, dataloader and callback by name, as run.py does."""
     from diffusion.builders import import_components
     import_components()
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _release_streaming_shared_memory():
+    """Close and unlink the shared-memory blocks a test module's streaming datasets opened, when the module ends.
+
+    streaming registers ``atexit`` cleanup for every ``SharedMemory`` a dataset opens; the registration keeps the
+    block (a /dev/shm file handle) alive until the process exits, so a long pytest process runs out of file
+    handles. Datasets do not outlive the module that built them (no session fixture holds one), so the blocks
+    opened during a module are released at its end, and their exit handlers with them.
+    """
+    import atexit
+    import gc
+
+    from streaming.base.shared import SharedMemory
+
+    def blocks() -> set[int]:
+        return {id(o) for o in gc.get_objects() if isinstance(o, SharedMemory)}
+
+    before = blocks()
+    yield
+    gc.collect()
+    for obj in gc.get_objects():
+        if isinstance(obj, SharedMemory) and id(obj) not in before:
+            atexit.unregister(obj.cleanup)
+            try:
+                obj.cleanup()
+            except BufferError:  # an array still views the block: it is released at exit as before
+                atexit.register(obj.cleanup)
