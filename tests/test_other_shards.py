@@ -108,16 +108,17 @@ def test_micro_diffusion_latents_are_read_and_not_scaled_twice(micro_latents):
     local, stored = micro_latents
     batch = _first_batch(build_image_caption_dataloader(4, local=local, resolution=256, use_latents=True,
                                                         latents_scaled=True, shuffle=False))
-    assert batch['latents'].shape == (4, 4, 32, 32) and batch['latents'].dtype == torch.float32
-    torch.testing.assert_close(batch['latents'][2], torch.from_numpy(stored[2].astype(np.float32)))
+    # the stored fp16 crosses to the device as it is; the model casts it there
+    assert batch['latents'].shape == (4, 4, 32, 32) and batch['latents'].dtype == torch.float16
+    torch.testing.assert_close(batch['latents'][2], torch.from_numpy(stored[2]))
     assert batch['latents_scaled'].all()
     assert batch['text_hidden'].shape == (4, 77, 8) and batch['text_mask'].shape == (4, 77)
     assert batch['caption'][0] == 'latent photo 0'
     # The model uses them as they are: no second multiplication by its scaling factor.
     model = LatentDiffusion(torch.nn.Identity(), DDPMSchedule(), scaling_factor=0.13025)
-    torch.testing.assert_close(model.batch_latents(batch), batch['latents'])
+    torch.testing.assert_close(model.batch_latents(batch), batch['latents'].float())
     del batch['latents_scaled']
-    torch.testing.assert_close(model.batch_latents(batch), batch['latents'] * 0.13025)  # our RAW convention
+    torch.testing.assert_close(model.batch_latents(batch), batch['latents'].float() * 0.13025)  # our RAW convention
     big = StreamingImageCaptionDataset(local=local, resolution=512, use_latents=True, latents_scaled=True,
                                        batch_size=4).get_item(0)
     assert big['latents'].shape == (4, 64, 64)
