@@ -391,7 +391,8 @@ def test_sampling_defaults_follow_the_noise_schedule(monkeypatch, tmp_path):
         edm, CheckpointInfo(checkpoint='ckpt.pt', config='config.yaml', weights='training', has_ema=False)))
     prompts = tmp_path / 'prompts.txt'
     prompts.write_text('a cat\n')
-    cfg = gen.GenerateConfig(checkpoint='ckpt.pt', prompts=str(prompts), out_dir=str(tmp_path / 'out'),
+    (tmp_path / 'ckpt.pt').write_bytes(b'')  # generation checks the path exists before loading
+    cfg = gen.GenerateConfig(checkpoint=str(tmp_path / 'ckpt.pt'), prompts=str(prompts), out_dir=str(tmp_path / 'out'),
                              contact_sheet=0, device='cpu')
     assert (cfg.sampler, cfg.num_inference_steps, cfg.guidance_scale) == (None, None, None)
     seen = _record_sampling(monkeypatch, edm)

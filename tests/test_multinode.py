@@ -11,7 +11,7 @@ disk bind-mounted at one node-local path (cache, temp directory, ledger), so bot
 ``--node_rank``. The checkpoint folder is shared between the nodes, as on a cluster's shared filesystem, with
 ``autoresume: true`` as the recipes set it: without ``install_node_signal_files`` (diffusion/training/composer_compat.py) node 1
 dies at start-up deleting composer's autoresume signal file that node 0 has already deleted. The rendezvous is real:
-one gloo group of world size 2 over TCP, composer counting ``num_nodes: 2``.
+one gloo group of world size 2 over TCP (the log says ``processes: 2 on 2 nodes``).
 """
 import os
 import shutil
@@ -113,7 +113,7 @@ def test_two_nodes_train_together(demo_photos, tmp_path):
 
     # One job of world size 2, one rank per node: rank 0 wrote on node 0's disk only, rank 1 on node 1's only.
     assert 'run test-tiny: 2 batches' in outs[0], outs[0][-3000:]
-    assert 'num_nodes: 2' in outs[0]  # composer's own count: world size / local world size
+    assert 'processes: 2 on 2 nodes' in outs[0]  # composer's world size / local world size
     assert sorted(p.name for p in (disks[0] / 'ledger').iterdir()) == ['rank0.jsonl']
     assert sorted(p.name for p in (disks[1] / 'ledger').iterdir()) == ['rank1.jsonl']
     assert not (view / 'ledger').exists(), 'a node wrote to the host path instead of its own disk'

@@ -49,8 +49,10 @@ def set_process_threads(env: Optional[dict[str, str]] = None) -> int:
         return torch.get_num_threads()
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
     local = int(env.get('LOCAL_WORLD_SIZE') or 1)
-    threads = threads_per_process(cpus, local)
-    if torch.get_num_threads() != threads:  # already right: left alone (a resumed run keeps its numerics)
+    # One process keeps torch's own choice (already one thread a core, and a resumed run keeps its numerics);
+    # several on one machine share the cores.
+    threads = threads_per_process(cpus, local) if local > 1 else torch.get_num_threads()
+    if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     log.info('torch threads: %d per process (%d cores / %d process%s on this machine; set OMP_NUM_THREADS to '
              'choose)', threads, cpus, local, '' if local == 1 else 'es')
@@ -201,6 +203,9 @@ def run_log(cfg: TrainConfig, rank: int) -> Iterator[Optional[Path]]:
     sys.stdout, sys.stderr = _Tee(out, file), _Tee(err, file)
     try:
         log.info('%s', config_summary(cfg))
+        from composer.utils import dist
+        world, local = dist.get_world_size(), dist.get_local_world_size()
+        log.info('processes: %d on %d node%s', world, world // local, '' if world // local == 1 else 's')
         log.info('log: %s; full config: %s', path, Path(cfg.save_folder.format(run_name=cfg.run_name)) /
                  'config.yaml')
         yield path
