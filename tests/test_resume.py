@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from diffusion.training.checkpointing import checkpoint_is_complete, repair_latest_checkpoint
-from diffusion.training.train import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,10 +40,16 @@ def test_sigkill_mid_epoch_then_same_command_gives_identical_weights(demo_photos
                                                                      restore_determinism):
     monkeypatch.chdir(REPO)
     ref, killed = tmp_path / 'ref', tmp_path / 'killed'
-    assert main(command(demo_photos, ref)) == 0
-
-    # The same run in its own process, killed with SIGKILL as soon as its first (mid-epoch) checkpoint exists.
+    # Every run in a process of its own, as a user runs the command (nothing an earlier test left in this one).
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+
+    def run(out: Path) -> None:
+        done = subprocess.run([sys.executable, 'run.py', *command(demo_photos, out)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    run(ref)
+    # The same run, killed with SIGKILL as soon as its first (mid-epoch) checkpoint exists.
     proc = subprocess.Popen([sys.executable, 'run.py', *command(demo_photos, killed)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -56,7 +61,7 @@ def test_sigkill_mid_epoch_then_same_command_gives_identical_weights(demo_photos
     first = os.readlink(killed / 'latest-rank0.pt')
     assert 'ba10' not in first, first
 
-    assert main(command(demo_photos, killed)) == 0  # the same command resumes from the last checkpoint
+    run(killed)  # the same command resumes from the last checkpoint
     a, b = final_weights(ref), final_weights(killed)
     assert a.keys() == b.keys()
     diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].is_floating_point())
