@@ -30,7 +30,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteSche
 from torch import Tensor
 
 from diffusion.registry import noise_schedules
-from diffusion.schedules import _bcast, min_snr_weight, offset_noise
+from diffusion.schedule_maths import broadcast_per_sample, min_snr_weight, offset_noise
+from diffusion.schedules import diffusers_scheduler
 
 __all__ = ['FlowMatchingSchedule', 'rf_interpolate', 'rf_velocity', 'x0_from_velocity', 'logit_normal_times',
            'time_shift', 'rf_snr', 'flow_sigmas', 'euler_step', 'flow_min_snr_weight']
@@ -42,7 +43,7 @@ __all__ = ['FlowMatchingSchedule', 'rf_interpolate', 'rf_velocity', 'x0_from_vel
 
 def rf_interpolate(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
     """Rectified-flow path ``x_t = (1 - t) x0 + t eps`` (Liu et al. 2022, eq. 1); ``t`` is ``(n,)``."""
-    tb = _bcast(t, x0)
+    tb = broadcast_per_sample(t, x0)
     return (1 - tb) * x0 + tb * noise
 
 
@@ -53,7 +54,7 @@ def rf_velocity(x0: Tensor, noise: Tensor) -> Tensor:
 
 def x0_from_velocity(x_t: Tensor, v: Tensor, t: Tensor) -> Tensor:
     """``x0 = x_t - t v`` (the straight line back to ``t = 0``)."""
-    return x_t - _bcast(t, x_t) * v
+    return x_t - broadcast_per_sample(t, x_t) * v
 
 
 def logit_normal_times(n: int, mean: float = 0.0, std: float = 1.0, *, device: torch.device | str | None = None,
@@ -207,10 +208,7 @@ class FlowMatchingSchedule:
 
     def make_scheduler(self, sampler: str = 'euler') -> SchedulerMixin:
         """A diffusers scheduler for ``sampler`` in ``{euler, heun}``."""
-        if sampler not in _FLOW_SAMPLERS:
-            raise ValueError(f'unknown sampler {sampler!r} for the flow_matching schedule; expected one of '
-                             f'{sorted(_FLOW_SAMPLERS)}')
-        return _FLOW_SAMPLERS[sampler](**self.diffusers_config(sampler))
+        return diffusers_scheduler(self, sampler, _FLOW_SAMPLERS, 'flow_matching')
 
 
 noise_schedules.register('flow_matching', func=FlowMatchingSchedule)

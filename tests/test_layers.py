@@ -10,8 +10,8 @@ REPO = Path(__file__).resolve().parents[1]
 # Bottom to top. callbacks/ is installed as the package diffusion.callbacks.
 LAYERS = [
     ('config', ['diffusion/__init__.py', 'diffusion/config.py', 'diffusion/registry.py']),
-    ('maths and data', ['diffusion/schedules.py', 'diffusion/flow_matching.py', 'diffusion/samplers.py',
-                        'diffusion/data/']),
+    ('maths and data', ['diffusion/schedule_maths.py', 'diffusion/schedules.py', 'diffusion/flow_matching.py',
+                        'diffusion/samplers.py', 'diffusion/data/']),
     ('models', ['diffusion/models/']),
     ('algorithms and callbacks', ['diffusion/algorithms/', 'callbacks/']),
     ('building and loading', ['diffusion/builders.py', 'diffusion/checkpoints.py']),
