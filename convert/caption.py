@@ -32,7 +32,8 @@ NEW_COLUMNS = {'caption': 'str', 'alt_text': 'str', 'caption_source': 'str', 'ca
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = DEFAULT_GENERATION
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawTextHelpFormatter,
+                                allow_abbrev=False)  # --commit must not pass for --commit-every
     add_map_args(p, batch_size=8, commit_every=64)
     p.add_argument('--model', default=DEFAULT_MODEL, help=f'HF image-to-text model name or folder ({DEFAULT_MODEL})')
     p.add_argument('--prompt', default=None, help='text prefix given with each image (default: none)')

@@ -17,7 +17,8 @@ from diffusion.export.to_diffusers import ExportError, export_pipeline
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument('--checkpoint', required=True, help='composer checkpoint (.pt) or its save folder')
     parser.add_argument('--out', required=True, help='output folder of the diffusers pipeline')
     parser.add_argument('--config', default=None, help='train config (default: config.yaml beside the checkpoint)')

@@ -28,7 +28,8 @@ log = logging.getLogger('precompute_latents')
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawTextHelpFormatter,
+                                allow_abbrev=False)  # --text-encoder-p must not pass for --text-encoder-path
     add_map_args(p, batch_size=16, commit_every=256)
     p.add_argument('--vae', required=True, help='diffusers AutoencoderKL folder or model name')
     p.add_argument('--vae-subfolder', default=None, help="e.g. 'vae' inside a full pipeline folder")

@@ -185,7 +185,8 @@ def retry_list(download_dir: Path, out: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument('--metadata', type=Path, help='YFCC100M dataset file (.bz2/.gz ok)')
     source.add_argument('--retry-from', type=Path, help='img2dataset output folder: list its failures again, '

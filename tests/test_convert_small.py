@@ -1,5 +1,6 @@
 """convert/images_to_mds.py on small and odd inputs, as a newcomer meets them: a handful of images, images without
-captions, broken files, a re-run with another option, a mistyped option, a Hugging Face ``datasets`` folder."""
+captions, broken files, a re-run with another option, a mistyped option (in every converter), a Hugging Face
+``datasets`` folder."""
 from __future__ import annotations
 
 import io
@@ -102,6 +103,46 @@ def test_abbreviated_options_are_refused(tmp_path):
     result = _cli('--src', str(_folder(tmp_path / 'src', 2)), '--out', str(tmp_path / 'out'), '--eval-frac', '0.5')
     assert result.returncode == 2 and '--eval-frac' in result.stderr, result.stderr
 
+
+
+@pytest.mark.parametrize('script,argv,abbreviation', [
+    ('caption', ['--src', 'in', '--out', 'out', '--commit', '4'], '--commit'),
+    ('precompute_latents', ['--src', 'in', '--out', 'out', '--vae', 'v', '--text-encoder-p', 'x'],
+     '--text-encoder-p'),
+    ('export_diffusers', ['--checkpoint', 'c.pt', '--out', 'out', '--weight', 'ema'], '--weight'),
+])
+def test_other_converters_refuse_abbreviated_options(script, argv, abbreviation, capsys):
+    with pytest.raises(SystemExit) as stop:
+        load_convert_script(script).parse_args(argv)
+    assert stop.value.code == 2 and abbreviation in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('main,argv,abbreviation', [
+    (lambda argv: load_convert_script('yfcc_filter').main(argv), ['--metadata', 'm.bz2', '--out', 'o.csv', '--min',
+                                                                    '5'], '--min'),
+    (lambda argv: __import__('diffusion.export.native', fromlist=['main']).main(argv),
+     ['--checkpoint', 'c.pt', '--out', 'out', '--weight', 'ema'], '--weight'),
+])
+def test_abbreviations_stop_before_any_work(main, argv, abbreviation, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2 and abbreviation in capsys.readouterr().err
+
+
+def test_every_converter_parser_refuses_abbreviations():
+    """Every ``ArgumentParser`` in convert/ and diffusion/export/ is built with ``allow_abbrev=False``."""
+    import ast
+    lax = []
+    for path in sorted([*(REPO / 'convert').glob('*.py'), *(REPO / 'diffusion' / 'export').glob('*.py')]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, 'attr', getattr(node.func, 'id', '')) == \
+                    'ArgumentParser':
+                strict = any(k.arg == 'allow_abbrev' and getattr(k.value, 'value', True) is False
+                             for k in node.keywords)
+                if not strict:
+                    lax.append(f'{path.relative_to(REPO)}:{node.lineno}')
+    assert lax == []
 
 def _hf_dataset(n: int, first: int = 0):
     import datasets

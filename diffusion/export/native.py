@@ -101,7 +101,7 @@ def export_checkpoint_native(checkpoint: Union[str, Path], out_dir: Union[str, P
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI: a run's checkpoint -> a native export folder; prints a one-line summary (exit 2 on a bad input)."""
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False)
     parser.add_argument('--checkpoint', required=True, help='composer checkpoint (.pt) or its save folder')
     parser.add_argument('--out', required=True, help='output folder')
     parser.add_argument('--config', default=None, help='train config (default: config.yaml beside the checkpoint)')
