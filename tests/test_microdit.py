@@ -338,7 +338,7 @@ def _tiny_model(schedule: dict) -> LatentDiffusion:
 
 def _record_sampling(monkeypatch, model):
     """Record the sampler, step count and guidance scale that ``model.generate`` uses (no real sampling)."""
-    import diffusion.models.latent_diffusion as ld
+    import diffusion.models.generation as ld
     seen = {}
     real_make = model.noise_schedule.make_scheduler
     real_guidance = ld.guidance
