@@ -2,21 +2,17 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 
 from diffusion import registry
+from diffusion.models.wrapping import unwrap
 
 log = logging.getLogger(__name__)
 
 __all__ = ['DiffusionStats']
-
-
-def _unwrap(model: Any) -> Any:
-    return model.module if hasattr(model, 'module') else model
 
 
 class DiffusionStats(Callback):
@@ -50,7 +46,7 @@ class DiffusionStats(Callback):
                  if p.requires_grad and p.grad is not None]
         if grads:
             logger.log_metrics({'grad_norm/global': torch.stack(grads).norm().item()})
-        model = _unwrap(state.model)
+        model = unwrap(state.model)
         if hasattr(model, 'batch_latents'):
             with torch.no_grad():
                 latents = model.batch_latents(state.batch).float()  # (B, C, h, w)

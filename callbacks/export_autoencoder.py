@@ -13,6 +13,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from diffusion import registry
+from diffusion.models.wrapping import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class ExportAutoencoder(Callback):
         return state.train_dataloader
 
     def fit_end(self, state: State, logger: Logger) -> None:
-        model = state.model.module if hasattr(state.model, 'module') else state.model
+        model = unwrap(state.model)
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()

@@ -12,6 +12,7 @@ from composer.core import State
 from composer.loggers import Logger
 
 from diffusion import registry
+from diffusion.models.wrapping import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class MFUMonitor(SpeedMonitor):
     def after_dataloader(self, state: State, logger: Logger) -> None:
         if self.flops_per_sample is not None:
             return
-        model = state.model.module if hasattr(state.model, 'module') else state.model
+        model = unwrap(state.model)
         self.flops_per_sample = count_step_flops(model, state.batch)
         per_sample = self.flops_per_sample
         model.flops_per_batch = lambda batch: per_sample * batch_size_of(batch)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from composer.core import Callback, State
@@ -11,14 +11,11 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from diffusion import registry
+from diffusion.models.wrapping import unwrap
 
 log = logging.getLogger(__name__)
 
 __all__ = ['Reconstructions']
-
-
-def _unwrap(model: Any) -> Any:
-    return model.module if hasattr(model, 'module') else model
 
 
 class Reconstructions(Callback):
@@ -50,7 +47,7 @@ class Reconstructions(Callback):
     def _capture(self, state: State, from_eval: bool) -> None:
         if self.images is not None and (self._from_eval or not from_eval):
             return
-        images = _unwrap(state.model).images(state.batch)
+        images = unwrap(state.model).images(state.batch)
         self.images = images[:self.num_images].detach().float().cpu().clone()
         self._from_eval = from_eval
 
@@ -63,7 +60,7 @@ class Reconstructions(Callback):
     def _write(self, state: State, logger: Logger) -> None:
         if self.images is None:
             return
-        model = _unwrap(state.model)
+        model = unwrap(state.model)
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()

@@ -16,6 +16,7 @@ from composer.utils import dist
 from PIL import Image, ImageDraw, ImageFont
 
 from diffusion import registry
+from diffusion.models.wrapping import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +24,6 @@ __all__ = ['SampleImages', 'labelled_grid', 'ema_weights']
 
 # The grid's defaults for DDPM models (quick); EDM models take the project's (heun, 30, 5.0).
 QUICK_DDPM_SAMPLING = {'sampler': 'ddim', 'num_inference_steps': 25, 'guidance_scale': 3.0}
-
-
-def _unwrap(model: Any) -> Any:
-    return model.module if hasattr(model, 'module') else model
 
 
 @contextlib.contextmanager
@@ -150,7 +147,7 @@ class SampleImages(Callback):
         if batch == self._last_batch:  # e.g. an evaluation and fit end at the same batch
             return
         self._last_batch = batch
-        model = _unwrap(state.model)
+        model = unwrap(state.model)
         was_training = model.training
         model.eval()
         # The run's precision: under FSDP mixed precision the backbone holds bf16 parameters and fp32 buffers,

@@ -13,6 +13,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from diffusion import registry
+from diffusion.models.wrapping import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class SampleLedger(Callback):
         self._write(state, {'batch': int(state.timestamp.batch), 'samples': values})
 
     def fit_end(self, state: State, logger: Logger) -> None:
-        model = state.model.module if hasattr(state.model, 'module') else state.model
+        model = unwrap(state.model)
         self._write(state, {'fit_end': int(state.timestamp.batch), 'weights_sha1': weights_digest(model.state_dict())})
 
 

@@ -11,6 +11,7 @@ from composer.loggers import Logger
 from torch.utils.checkpoint import checkpoint
 
 from diffusion import registry
+from diffusion.models.wrapping import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,7 @@ class ActivationCheckpointing(Algorithm):
         return event == Event.INIT
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
-        model = state.model.module if hasattr(state.model, 'module') else state.model
-        n = apply_activation_checkpointing(model)
+        n = apply_activation_checkpointing(unwrap(state.model))
         log.info('activation_checkpointing: acts on any device: %d backbone blocks recompute their activations '
                  'in the backward pass', n)
 

@@ -23,13 +23,14 @@ from composer.core import Event, State
 from composer.loggers import Logger
 
 from diffusion import registry
+from diffusion.models.wrapping import unwrap
 
 __all__ = ['BackboneLowPrecisionLayerNorm', 'BackboneLowPrecisionGroupNorm', 'trainable_part']
 
 
 def trainable_part(model: Any) -> torch.nn.Module:
     """The module the norms go into: ``model.backbone`` when the model has one, else the model itself."""
-    model = model.module if hasattr(model, 'module') else model  # a DDP wrapper
+    model = unwrap(model)
     backbone = getattr(model, 'backbone', None)
     return model if backbone is None else backbone
 
@@ -39,7 +40,7 @@ class BackboneLowPrecisionLayerNorm(LowPrecisionLayerNorm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         apply_low_precision_layernorm(model=trainable_part(state.model), optimizers=state.optimizers,
-                                      precision=state._precision)
+                                      precision=state.precision)
 
 
 class BackboneLowPrecisionGroupNorm(LowPrecisionGroupNorm):
@@ -47,7 +48,7 @@ class BackboneLowPrecisionGroupNorm(LowPrecisionGroupNorm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         apply_low_precision_groupnorm(model=trainable_part(state.model), optimizers=state.optimizers,
-                                      precision=state._precision)
+                                      precision=state.precision)
 
 
 registry.algorithms.register('low_precision_layernorm', func=BackboneLowPrecisionLayerNorm)

@@ -18,6 +18,7 @@ from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
 from diffusion import registry
+from diffusion.models.wrapping import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,7 @@ class CpuBf16Autocast(Algorithm):
         if not acts:
             log.warning('cpu_bf16_autocast: does NOT act here (%s)', why)
             return
-        model = state.model.module if hasattr(state.model, 'module') else state.model
-        apply_cpu_bf16_autocast(model)
+        apply_cpu_bf16_autocast(unwrap(state.model))
         log.info('cpu_bf16_autocast: acts (%s)', why)
 
 

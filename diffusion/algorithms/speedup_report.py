@@ -12,6 +12,8 @@ from typing import Any, Optional
 import torch
 from composer import algorithms as composer_algorithms
 
+from diffusion.models.wrapping import unwrap
+
 log = logging.getLogger(__name__)
 
 __all__ = ['describe_speedups', 'report_speedups']
@@ -59,8 +61,7 @@ def describe_speedups(model: Any, algorithms: list[Any], precision: str, device_
 def report_speedups(trainer: Any, precision: str, device_batch_size: int, microbatch_size: Optional[Any],
                     fsdp: Optional[dict[str, Any]]) -> list[str]:
     """Log (and return) one line per speed-up of a built ``composer.Trainer``."""
-    model = trainer.state.model
-    model = model.module if hasattr(model, 'module') else model
+    model = unwrap(trainer.state.model)
     lines = describe_speedups(model, list(trainer.state.algorithms), precision, device_batch_size,
                               microbatch_size, fsdp)
     for line in lines:
