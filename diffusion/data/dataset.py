@@ -90,13 +90,16 @@ def center_crop(image: Image.Image, size: int | None = None) -> Image.Image:
     return _resize_crop(image, (side, side), (0.5, 0.5))[0]
 
 
-def _to_tensor(image: Image.Image, flip: bool) -> torch.Tensor:
+def image_tensor(image: Image.Image, flip: bool) -> torch.Tensor:
     """PIL RGB -> float32 (3, H, W) in [-1, 1], mirrored horizontally when ``flip``."""
     array = np.array(image.convert("RGB"), dtype=np.uint8)  # a writable copy
     if flip:
         array = array[:, ::-1]
     tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)  # (3, H, W)
     return tensor.float().div_(127.5).sub_(1.0)
+
+
+_to_tensor = image_tensor  # the name diffusion/demo/evaluate.py imports
 
 
 class StreamingImageCaptionDataset(StreamingDataset):
@@ -284,7 +287,7 @@ class StreamingImageCaptionDataset(StreamingDataset):
             return out
         size = (self.resolution, self.resolution)
         crop, top, left = _resize_crop(image, size, frac, flip)
-        out['image'] = _to_tensor(crop, flip)
+        out['image'] = image_tensor(crop, flip)
         out['crop_top_left'] = torch.tensor([top, left], dtype=torch.long)
         out['target_size'] = torch.tensor(size, dtype=torch.long)
         return out
@@ -311,7 +314,7 @@ class ImageCaptionCollate:
         for sample in samples:
             sample = dict(sample)
             crop, top, left = _resize_crop(sample.pop('image'), size, sample.pop('_frac'), bool(sample['flip']))
-            sample['image'] = _to_tensor(crop, bool(sample['flip']))
+            sample['image'] = image_tensor(crop, bool(sample['flip']))
             sample['crop_top_left'] = torch.tensor([top, left], dtype=torch.long)
             sample['target_size'] = torch.tensor(size, dtype=torch.long)
             out.append(sample)

@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 __all__ = ['LatentEncoder', 'prepare_image', 'latent_column']
 
 EMPTY_CAPTION_FILE = 'empty_caption.safetensors'
-METADATA_FILE = 'latents.json'
 
 
 def latent_column(resolution: int) -> str:
@@ -42,10 +41,10 @@ def latent_column(resolution: int) -> str:
 def prepare_image(image: Image.Image | bytes, resolution: int) -> torch.Tensor:
     """An image (PIL or encoded bytes) -> (3, res, res) float32 in [-1, 1], as the dataset's centre crop does."""
     # The dataset's own transform, so the two paths cannot drift apart.
-    from diffusion.data.dataset import _to_tensor, center_crop
+    from diffusion.data.dataset import center_crop, image_tensor
     if isinstance(image, (bytes, bytearray)):
         image = Image.open(io.BytesIO(image))
-    return _to_tensor(center_crop(image, resolution), False)  # (3, res, res)
+    return image_tensor(center_crop(image, resolution), False)  # (3, res, res)
 
 
 def _fp16(t: torch.Tensor) -> np.ndarray:

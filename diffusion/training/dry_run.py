@@ -27,7 +27,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -145,16 +145,23 @@ def _meta_batch(cfg: TrainConfig, model: Any, info: dict[str, Any], n: int) -> d
     return batch
 
 
+def _replace_buffers(model: torch.nn.Module, which: Callable[[torch.Tensor], bool],
+                     new: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Replace each buffer ``which`` selects by ``new(buffer)``, under its own name (persistence is kept)."""
+    for module in model.modules():
+        for name, buf in list(module.named_buffers(recurse=False, remove_duplicate=False)):
+            if which(buf):
+                setattr(module, name, new(buf))
+
+
 def _step_flops(cfg: TrainConfig, model: Any, info: dict[str, Any], n: int = 2) -> int:
     """FLOPs of one training step (forward, loss, backward) per image, counted on meta tensors."""
     from torch.utils.flop_counter import FlopCounterMode
     batch = _meta_batch(cfg, model, info, n)
     model.train()
     # Integer buffers (step counters) steer Python control flow, which needs values: give them real zeros.
-    for module in model.modules():
-        for name, buf in list(module._buffers.items()):
-            if buf is not None and buf.is_meta and not buf.is_floating_point():
-                module._buffers[name] = torch.zeros(buf.shape, dtype=buf.dtype)
+    _replace_buffers(model, lambda buf: buf.is_meta and not buf.is_floating_point(),
+                     lambda buf: torch.zeros(buf.shape, dtype=buf.dtype))
     counter = FlopCounterMode(display=False)
     with counter:
         outputs = model(batch)
@@ -187,10 +194,7 @@ def estimate(cfg: TrainConfig) -> dict[str, Any]:
             build_mapping(getattr(registry, where), getattr(cfg, where), where)
     # Buffers made from numpy (torch.from_numpy ignores the default device, e.g. MicroDiT's sin-cos position table)
     # are real CPU tensors: to the meta device with the rest, or a meta forward mixes devices.
-    for module in model.modules():
-        for name, buf in list(module._buffers.items()):
-            if buf is not None and not buf.is_meta and buf.is_floating_point():
-                module._buffers[name] = buf.to('meta')
+    _replace_buffers(model, lambda buf: not buf.is_meta and buf.is_floating_point(), lambda buf: buf.to('meta'))
     # MicroDiT's expert skip sizes its work from data (a host read no meta tensor has); the GPU path runs without
     # it (it is off under torch.compile), so the figures here are that path's.
     if hasattr(getattr(model, 'backbone', None), 'skip_dropped_experts'):
