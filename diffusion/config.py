@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 __all__ = ['ConfigError', 'TrainConfig', 'check_data_paths', 'check_variables', 'cli_config', 'run_cli', 'load_config', 'load_yaml', 'save_config',
-           'time_string_error', 'to_container', 'validate']
+           'describe_type', 'time_string_error', 'to_container', 'validate']
 
 
 class ConfigError(ValueError):
@@ -81,7 +81,8 @@ class TrainConfig:
     python_log_level: Optional[str] = 'info'
     # Dry run: validate and build on the meta device, print parameters, FLOPs and the cost (no data, no weights).
     dry_run: bool = False
-    throughput: Optional[dict[str, Any]] = None  # {gpu, images_per_second, num_gpus, usd_per_gpu_hour} (dry run)
+    # Dry run's cost figures: {gpu, images_per_second_per_gpu, num_gpus, usd_per_gpu_hour}.
+    throughput: Optional[dict[str, Any]] = None
     # Shared values for interpolation (removed after resolution).
     variables: dict[str, Any] = field(default_factory=dict)
 
@@ -93,11 +94,11 @@ def save_config(cfg: Any, path: Union[str, Path]) -> None:
     OmegaConf.save(OmegaConf.create(dataclasses.asdict(cfg)), path)
 
 
-_PY_TYPES = {int: 'int', float: 'float', str: 'str', bool: 'bool'}
-
-
-def _describe(tp: Any) -> str:
-    return getattr(tp, '__name__', None) or str(tp).replace('typing.', '')
+def describe_type(tp: Any) -> str:
+    """A type as an error message names it: ``int``, ``list[str]``, ``Optional[int]``, ``None``."""
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace('typing.', '').replace('NoneType', 'None')
 
 
 def _check_type(key: str, value: Any, tp: Any) -> None:
@@ -118,7 +119,8 @@ def _check_type(key: str, value: Any, tp: Any) -> None:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
-        raise ConfigError(f'config key `{key}` must be of type {_describe(tp)}, got {type(value).__name__}: {value!r}')
+        raise ConfigError(f'config key `{key}` must be of type {describe_type(tp)}, got {type(value).__name__}: '
+                          f'{value!r}')
 
 
 # Composer's time units (composer.core.time.TimeUnit); parsed here so a typo fails before the slow imports.

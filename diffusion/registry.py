@@ -24,6 +24,8 @@ with warnings.catch_warnings():  # llm-foundry imports pkg_resources: its deprec
     from llmfoundry import registry as foundry_registry
 from llmfoundry.utils.registry_utils import TypedRegistry, construct_from_registry, create_registry
 
+from diffusion.config import describe_type
+
 # ---------------------------------------------------------------------------------------------
 # Composer / llm-foundry components, reused by name
 # ---------------------------------------------------------------------------------------------
@@ -105,11 +107,6 @@ KWARGS_TARGETS: dict[tuple[str, str], tuple[tuple[str, ...], tuple[str, ...]]] =
 # Arguments that hold a nested component block, and the registry it is looked up in.
 NESTED_BLOCKS = {'backbone': 'backbones', 'autoencoder': 'autoencoders', 'text_encoder': 'text_encoders',
                  'noise_schedule': 'noise_schedules'}
-
-
-def declare_kwargs(registry_name: str, name: str, targets: tuple[str, ...], extra: tuple[str, ...] = ()) -> None:
-    """Declare where a ``**kwargs`` builder forwards its keyword arguments (so unknown ones are caught)."""
-    KWARGS_TARGETS[(registry_name, name)] = (targets, extra)
 
 
 def _import(path: str) -> Any:
@@ -221,7 +218,7 @@ def check(registry: TypedRegistry, block: dict[str, Any] | Any, where: str = '',
     for key, value in kwargs.items():
         tp = hints.get(key)
         if tp is not None and not _type_ok(value, tp):
-            raise UnknownComponentError(f'{where}.{key}: expected {_describe(tp)}, got '
+            raise UnknownComponentError(f'{where}.{key}: expected {describe_type(tp)}, got '
                                         f'{type(value).__name__}: {value!r}')
         bad_time = _time_error(value, tp)
         if bad_time:
@@ -229,12 +226,6 @@ def check(registry: TypedRegistry, block: dict[str, Any] | Any, where: str = '',
         if key in NESTED_BLOCKS and isinstance(value, dict):
             check(REGISTRIES[NESTED_BLOCKS[key]], value, f'{where}.{key}')
     return ctor
-
-
-def _describe(tp: Any) -> str:
-    if isinstance(tp, type):
-        return tp.__name__
-    return str(tp).replace('typing.', '').replace('NoneType', 'None')
 
 
 def _did_you_mean(unknown: list[str], accepted: list[str]) -> str:

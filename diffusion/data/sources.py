@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import subprocess
 import tarfile
 import tempfile
@@ -196,8 +195,3 @@ SOURCES: dict[str, tuple[Callable[[Path], Path], Callable[[Path], list[Item]]]] 
     'openclipart': (lambda cache: fetch_deb('openclipart-svg', cache), openclipart_items),
     'tuxpaint': (lambda cache: fetch_deb('tuxpaint-stamps-default', cache), tuxpaint_items),
 }
-
-
-def clear_cache(cache_dir: Path) -> None:
-    """Delete the download cache."""
-    shutil.rmtree(cache_dir, ignore_errors=True)
