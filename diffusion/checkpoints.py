@@ -48,10 +48,12 @@ WEIGHT_CHOICES = ('auto', 'ema', 'training')
 
 
 def _safe_globals() -> list[Any]:
-    from numpy._core.multiarray import _reconstruct
     from torch.torch_version import TorchVersion
+    # The function a pickled array is rebuilt with, as numpy's own pickling names it (numpy._core's
+    # _reconstruct), taken from the pickle protocol rather than imported from numpy's private module.
+    reconstruct = np.empty(0).__reduce__()[0]
     dtypes = [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith('DType')]
-    return [datetime.timedelta, TorchVersion, np.ndarray, np.dtype, _reconstruct, *dtypes]
+    return [datetime.timedelta, TorchVersion, np.ndarray, np.dtype, reconstruct, *dtypes]
 
 
 SAFE_GLOBALS: list[Any] = _safe_globals()
