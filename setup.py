@@ -1,6 +1,10 @@
 """Install the `diffusion` library. The top-level `callbacks/` folder is installed as
 `diffusion.callbacks` (never as a generic top-level `callbacks` package); `convert/` holds scripts."""
-from setuptools import setup
+from setuptools import find_packages, setup
+
+# Every folder of diffusion/ with an __init__.py (tests/test_layers.py checks it), and callbacks/ as
+# diffusion.callbacks.
+PACKAGES = find_packages(include=['diffusion', 'diffusion.*']) + ['diffusion.callbacks']
 
 setup(
     name='commoncanvas-recipes',
@@ -8,9 +12,7 @@ setup(
     description='Recipes for training text-to-image diffusion models on Creative-Commons images with '
     'MosaicML Composer and Streaming.',
     python_requires='>=3.11,<3.12',
-    packages=['diffusion', 'diffusion.models', 'diffusion.data', 'diffusion.evaluation', 'diffusion.export',
-              'diffusion.algorithms',
-              'diffusion.callbacks'],
+    packages=PACKAGES,
     package_dir={'diffusion': 'diffusion', 'diffusion.callbacks': 'callbacks'},
     package_data={'diffusion.data': ['*.json']},
     # Compatible ranges; the exact, fully pinned set is requirements/lock.txt.

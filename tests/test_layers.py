@@ -83,3 +83,19 @@ def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
     monkeypatch.setattr(__import__(__name__), 'REPO', tmp_path)
     assert upward_imports() == ['diffusion/models/bad.py (models) imports diffusion.evaluation.generate '
                                 '(evaluation and export)']
+
+
+def test_setup_installs_every_package(monkeypatch):
+    """A non-editable ``pip install .`` gets every folder of diffusion/ with an __init__.py, and callbacks/ as
+    diffusion.callbacks: the package list setup.py hands to setuptools is read by running setup.py."""
+    import runpy
+
+    import setuptools
+    seen = {}
+    monkeypatch.setattr(setuptools, 'setup', lambda **kwargs: seen.update(kwargs))
+    monkeypatch.chdir(REPO)  # setup.py runs from the source folder, as pip runs it
+    runpy.run_path(str(REPO / 'setup.py'))
+    folders = {'.'.join(p.parent.relative_to(REPO).parts) for p in REPO.glob('diffusion/**/__init__.py')}
+    assert {'diffusion', 'diffusion.training', 'diffusion.models'} <= folders  # the glob sees them
+    assert set(seen['packages']) == folders | {'diffusion.callbacks'}
+    assert seen['package_dir'] == {'diffusion': 'diffusion', 'diffusion.callbacks': 'callbacks'}
