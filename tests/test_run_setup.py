@@ -1,5 +1,6 @@
 """run.py around the Trainer: threads per process, a guarded run folder, a quiet log kept on disk, TensorBoard."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,33 @@ def run_args(data: Path, out: Path, *extra: str) -> list[str]:
             f'save_folder={out}/checkpoints', f'callbacks.sample_images.folder={out}/samples',
             'callbacks.sample_images.num_inference_steps=2', 'callbacks.sample_images.prompts=[a cat]',
             'max_duration=4ba', 'eval_interval=2ba', 'save_interval=2ba', 'console_log_interval=2ba', *extra]
+
+
+_LOG_RECORD = re.compile(r'^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (\w+) \S+: ')
+
+
+def console_problems(out: str, logged: list[int], total: int, evaluated: list[int]) -> list[str]:
+    """What is wrong with a run's console output: a logged batch not on exactly one line (loss, lr, throughput,
+    time), an evaluation not on one line, a warning, or any line other than python log records, those lines and
+    the end-of-run summary."""
+    problems, lines = [], out.splitlines()
+    train = [line for line in lines if line.startswith('[batch ')]
+    if [line.split(']')[0] for line in train] != [f'[batch {b}/{total}' for b in logged]:
+        problems.append(f'train lines {train} are not one per logged batch {logged}')
+    problems += [f'incomplete: {line}' for line in train if not re.fullmatch(
+        r'\[batch \d+/\d+\] loss \d+\.\d{4} \| lr \S+ \| \d+\.\d samples/s \| \d+:\d\d:\d\d', line)]
+    evals = [line for line in lines if line.startswith('[eval at batch ')]
+    if [line.split(']')[0] for line in evals] != [f'[eval at batch {b}/{total}' for b in evaluated]:
+        problems.append(f'eval lines {evals} are not one per evaluation at {evaluated}')
+    for line in lines:
+        if re.match(r'run \S+: \d+ batches|  (\S+ at batch \d+: |last checkpoint: |summary: )', line):
+            continue  # the end-of-run summary
+        record = _LOG_RECORD.match(line)
+        if (record and record.group(1) in ('WARNING', 'ERROR', 'CRITICAL')) or re.search('warn', line, re.I):
+            problems.append(f'warning: {line}')
+        elif not record and line not in train and line not in evals:
+            problems.append(f'stray line: {line!r}')
+    return problems
 
 
 @pytest.mark.parametrize('cpus,local,expected', [(2, 1, 2), (2, 2, 1), (2, 3, 1), (16, 3, 5), (1, 4, 1), (8, 0, 8)])
@@ -76,9 +104,11 @@ def test_normal_run_log_is_quiet_and_kept_in_the_run_folder(demo_photos, tmp_pat
     assert out.count('was not specified') == 0  # streaming's defaults notices
     assert 'Config:' not in out and out.count('run guarded: model latent_diffusion') == 1  # the short summary
     assert 'torch threads:' in out
+    assert console_problems(out, logged=[1, 2, 4], total=4, evaluated=[0, 2, 4]) == []
     log = (tmp_path / 'train.log').read_text()
-    for line in ('run guarded: model latent_diffusion', 'Train loss/train/total', 'Eval metrics/eval/',
-                 'summary: '):
+    for line in ('run guarded: model latent_diffusion', '[batch 2/4] loss ', '[eval at batch 2/4] ValidationLoss',
+                 'diffusion.metrics: train batch 2/4: ', 'loss/train/total=', 'lr-DecoupledAdamW/group0=',
+                 'diffusion.metrics: eval at batch 2/4: metrics/eval/ValidationLoss=', 'summary: '):
         assert line in log, line
     assert (tmp_path / 'checkpoints' / 'config.yaml').exists()
 

@@ -4,8 +4,9 @@
   on 2 cores ran 2.6-7x slower per batch with every process using every core), unless ``OMP_NUM_THREADS`` is set.
 * :func:`check_run_folder`: a new run under an existing run folder whose saved ``config.yaml`` has other settings
   stops with one line, instead of repointing ``latest`` and replacing the summary, config and sample grids.
-* :func:`run_log`: the run's log also written to ``<run folder>/train.log`` (python logging, composer's console
-  lines, prints and warnings), the config printed as one short summary, known library noise dropped where raised.
+* :func:`run_log`: the run's log also written to ``<run folder>/train.log`` (python logging, the console lines
+  and every metric behind them, prints and warnings), the config printed as one short summary, known library
+  noise dropped where raised.
 """
 from __future__ import annotations
 
@@ -173,20 +174,12 @@ def config_summary(cfg: TrainConfig) -> str:
     return f'run {cfg.run_name}: ' + '; '.join(f'{k} {v}' for k, v in parts.items())
 
 
-def attach_console(trainer: Any) -> None:
-    """Composer's console lines into the tee'd stderr (the run's log file), its 100-line config dump left out
-    (the full config is ``config.yaml`` in the run folder)."""
-    from composer.loggers import ConsoleLogger
-    for dest in trainer.logger.destinations:
-        if isinstance(dest, ConsoleLogger):
-            dest.hparams_already_logged_to_console = True
-            dest.stream = sys.stderr
-
-
 @contextlib.contextmanager
 def run_log(cfg: TrainConfig, rank: int) -> Iterator[Optional[Path]]:
-    """Within: python logging, prints and warnings also go to ``<run folder>/train.log`` (rank 0, appended);
-    prints the config summary once."""
+    """Within: python logging, prints and warnings also go to ``<run folder>/train.log`` (rank 0, appended), and
+    so do the full metrics behind each console line (``diffusion.metrics``, never on the console); prints the
+    config summary once."""
+    from diffusion.training.console import METRICS_LOG
     quiet_library_noise()
     folder = local_run_folder(cfg)
     if folder is None or rank != 0:
@@ -199,6 +192,7 @@ def run_log(cfg: TrainConfig, rank: int) -> Iterator[Optional[Path]]:
     handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s'))
     root = logging.getLogger()
     root.addHandler(handler)
+    METRICS_LOG.addHandler(handler)
     out, err = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = _Tee(out, file), _Tee(err, file)
     try:
@@ -212,6 +206,7 @@ def run_log(cfg: TrainConfig, rank: int) -> Iterator[Optional[Path]]:
     finally:
         sys.stdout, sys.stderr = out, err
         root.removeHandler(handler)
+        METRICS_LOG.removeHandler(handler)
         handler.close()
         file.close()
 

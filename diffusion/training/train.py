@@ -18,6 +18,7 @@ import torch
 
 from diffusion.builders import build_components, device_batch_size, fsdp_config
 from diffusion.config import ConfigError, TrainConfig, check_data_paths, cli_config, save_config
+from diffusion.training.console import CompactConsoleLogger
 from diffusion.training.summary import flat, format_summary, summarize, summary_logger
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,9 @@ def build_trainer(cfg: TrainConfig) -> Any:
         # The resolved config beside the checkpoints: generation, evaluation and export rebuild the model from it.
         save_config(cfg, Path(cfg.save_folder.format(run_name=cfg.run_name)) / 'config.yaml')
     parallelism = {'fsdp': dict(cfg.fsdp_config)} if cfg.fsdp_config is not None else None
-    parts['loggers'] = parts['loggers'] + [summary_logger()]
+    # One console line per logged batch (diffusion/training/console.py) instead of composer's line per metric.
+    console = [CompactConsoleLogger(cfg.console_log_interval)] if cfg.log_to_console else []
+    parts['loggers'] = parts['loggers'] + [summary_logger()] + console
     _kill_safe(cfg, parts, dist.get_global_rank())
     trainer = Trainer(
         **parts,
@@ -133,8 +136,7 @@ def build_trainer(cfg: TrainConfig) -> Any:
         load_ignore_keys=list(cfg.load_ignore_keys) or None,
         autoresume=cfg.autoresume,
         deterministic_mode=cfg.deterministic_mode,
-        console_log_interval=cfg.console_log_interval,
-        log_to_console=cfg.log_to_console,
+        log_to_console=False,  # the CompactConsoleLogger above prints instead
         progress_bar=cfg.progress_bar,
         python_log_level=cfg.python_log_level,
         step_schedulers_every_batch=True,
@@ -160,10 +162,8 @@ def train(cfg: TrainConfig) -> Any:
 
 
 def _train(cfg: TrainConfig) -> Any:
-    from diffusion.training.run_setup import attach_console
     start = time.time()
     trainer = build_trainer(cfg)
-    attach_console(trainer)
     if cfg.eval_first and trainer.state.evaluators and int(trainer.state.timestamp.batch) == 0:
         trainer.eval()  # the starting validation loss, to compare the end against
     trainer.fit()
