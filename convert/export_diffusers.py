@@ -3,7 +3,9 @@
     python convert/export_diffusers.py --checkpoint outputs/RUN/checkpoints --out exports/RUN [--weights ema]
 
 UNet models without added conditioning become a ``StableDiffusionPipeline``, SDXL-style ones a
-``StableDiffusionXLPipeline``; load the folder with ``diffusers.DiffusionPipeline.from_pretrained(OUT)``.
+``StableDiffusionXLPipeline``; load the folder with ``diffusers.DiffusionPipeline.from_pretrained(OUT)`` (with a
+MiniLM text encoder diffusers logs that the stock SD pipeline expects CLIP: harmless, the images match;
+``diffusion.export.to_diffusers.load_pipeline(OUT)`` loads without that notice).
 See ``diffusion/export/to_diffusers.py`` for what is matched so the pipeline reproduces ``LatentDiffusion.generate``.
 """
 from __future__ import annotations

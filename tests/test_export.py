@@ -4,6 +4,7 @@
 composer's EMA and returns the save folder; it is built once per test session.
 """
 import json
+import logging
 import pickle
 from pathlib import Path
 
@@ -110,6 +111,45 @@ def test_export_sd_reproduces_generate(loaded, tmp_path):
     pipe.text_encoder.config.use_attention_mask = False
     diff, _ = _compare(model, pipe, prompts, height=64, width=64, num_inference_steps=3, guidance_scale=4.0)
     assert diff > 1e-3
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(f'{record.name}: {record.getMessage()}')
+
+
+@pytest.fixture
+def library_warnings():
+    """Warnings the diffusers and transformers loggers (which do not propagate to the root) emit."""
+    records = _Records()
+    for name in ('diffusers', 'transformers'):
+        logging.getLogger(name).addHandler(records)
+    yield records.messages
+    for name in ('diffusers', 'transformers'):
+        logging.getLogger(name).removeHandler(records)
+
+
+def test_reloading_a_bert_export_warns_of_nothing(loaded, tmp_path, library_warnings, recwarn):
+    from diffusers import DiffusionPipeline
+
+    from diffusion.export.to_diffusers import export_pipeline, load_pipeline
+    model, info = loaded
+    out = export_pipeline(model, tmp_path / 'pipe', sampler='ddim', metadata=info.as_dict())
+    assert library_warnings == []  # the export itself
+    pipe = load_pipeline(out)
+    assert library_warnings == [] and [str(w.message) for w in recwarn] == []
+    assert type(pipe.text_encoder).__name__ == 'BertModel'
+    pipe.set_progress_bar_config(disable=True)
+    diff, _ = _compare(model, pipe, ['a cat sitting on a sofa', 'coffee'], height=64, width=64,
+                       num_inference_steps=3, guidance_scale=4.0)
+    assert diff < 1e-3, f'the reloaded pipeline differs by {diff}'
+    # Plain diffusers gives the stock class's one notice (text_encoder annotated CLIPTextModel), and only that.
+    DiffusionPipeline.from_pretrained(out)
+    assert len(library_warnings) == 1 and 'Expected types for text_encoder' in library_warnings[0], library_warnings
 
 
 @pytest.mark.parametrize('sampler', ['euler_ancestral', 'ddpm'])

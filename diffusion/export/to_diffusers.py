@@ -23,12 +23,22 @@ What has to match for the exported pipeline to give our images (each is set here
 
 MicroDiT (a transformer backbone) is not exported here: this module handles ``UNetBackbone`` models only and
 says so for anything else.
+
+A pipeline whose text encoder is not CLIP (MiniLM, a ``BertModel``) loads and reproduces our images, but diffusers
+checks each loaded component against the stock pipeline class's ``__init__`` annotations, and
+``StableDiffusionPipeline`` annotates ``text_encoder: CLIPTextModel``: ``from_pretrained`` logs one "Expected types
+for text_encoder" warning. The saved folder already declares what it holds (``model_index.json``:
+``["transformers", "BertModel"]``); only a custom pipeline class shipped as code in the folder could declare
+otherwise, which the Hub loads only with ``trust_remote_code=True``. So the export stays a stock pipeline and
+:func:`load_pipeline` loads it with that one message dropped where diffusers logs it.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -37,7 +47,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ['ExportError', 'pipeline_kind', 'to_diffusers_pipeline', 'export_pipeline']
+__all__ = ['ExportError', 'pipeline_kind', 'to_diffusers_pipeline', 'export_pipeline', 'load_pipeline']
 
 
 class ExportError(ValueError):
@@ -190,3 +200,39 @@ def export_pipeline(model: Any, out_dir: Union[str, Path], sampler: str = 'ddim'
     (out / 'commoncanvas_export.json').write_text(json.dumps(info, indent=2) + '\n', encoding='utf-8')
     log.info('exported %s to %s', type(pipe).__name__, out)
     return out
+
+
+class _DeclaredTextEncoderNotice(logging.Filter):
+    """Drops diffusers' notice that the stock SD pipeline annotates ``text_encoder: CLIPTextModel`` when the loaded
+    text encoder is exactly the class the folder's ``model_index.json`` declares; any other type notice passes."""
+
+    def __init__(self, declared: str) -> None:
+        super().__init__()
+        self._notice = re.compile(r"Expected types for text_encoder: \(<class '[\w.]+\.CLIPTextModel'>,\), got "
+                                  rf"<class 'transformers\.[\w.]+\.{re.escape(declared)}'>\.")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self._notice.fullmatch(record.getMessage())
+
+
+@contextlib.contextmanager
+def _declared_text_encoder_quiet(folder: Path):
+    index = json.loads((folder / 'model_index.json').read_text())
+    library, declared = (index.get('text_encoder') or [None, None])[:2]
+    if library != 'transformers' or not declared or declared == 'CLIPTextModel':
+        yield
+        return
+    pipeline_log = logging.getLogger('diffusers.pipelines.pipeline_utils')  # where diffusers logs the notice
+    notice = _DeclaredTextEncoderNotice(declared)
+    pipeline_log.addFilter(notice)
+    try:
+        yield
+    finally:
+        pipeline_log.removeFilter(notice)
+
+
+def load_pipeline(folder: Union[str, Path], **kwargs: Any) -> Any:
+    """``diffusers.DiffusionPipeline.from_pretrained(folder, **kwargs)`` for a folder :func:`export_pipeline`
+    wrote, without the type notice a non-CLIP text encoder gives (see the module's docstring)."""
+    with _declared_text_encoder_quiet(Path(folder)):
+        return diffusers.DiffusionPipeline.from_pretrained(str(folder), **kwargs)
