@@ -16,7 +16,7 @@ LAYERS = [
     ('algorithms and callbacks', ['diffusion/algorithms/', 'callbacks/']),
     ('building and loading', ['diffusion/builders.py', 'diffusion/checkpoints.py']),
     ('training', ['diffusion/training/']),
-    ('evaluation and export', ['diffusion/evaluation/', 'diffusion/export/']),
+    ('evaluation and export', ['diffusion/evaluation/', 'diffusion/export/', 'diffusion/app.py']),
 ]
 
 
