@@ -2,15 +2,15 @@
 algorithms, callbacks, checkpoint format and autoresume.
 
 Each recipe is built as written and only its sizes shrink (``scripts/gpu_check.py``'s ``shrink``: mini widths, a
-tiny random VAE and CLIP text encoder, precomputed latents of the demo photos, batch 2, 3 batches, EMA starting
+tiny random VAE and CLIP text encoder, precomputed latents of the demo photos, batch 2, 2 batches, EMA starting
 after the first batch, sample grids of 2 sampler steps) and run as written: its own ``precision`` (``amp_bf16``
 with CUDA autocast's dtype rules emulated on the CPU, ``DIFFUSION_EMULATE_GPU_PRECISION=1``) and ``fsdp_config``
 (composer's FSDP on the CPU over gloo, one process, state_dict_type full or sharded), through
 ``diffusion.training.train.build_trainer`` exactly as ``run.py`` builds it. The fp32 path without FSDP (how the
 CPU recipes train) is run by the ``gpu_check --device cpu`` rehearsal test at the end.
 
-Each run: fit to batch 3 (crossing the EMA start), a sample grid, the recipe's checkpoint written; then the same
-config with a longer ``max_duration`` autoresumes from that checkpoint and continues to batch 5. A stage that
+Each run: fit to batch 2 (crossing the EMA start), a sample grid, the recipe's checkpoint written; then the same
+config with a longer ``max_duration`` autoresumes from that checkpoint and continues to batch 3. A stage that
 loads an earlier stage (``load_path``) loads that stage's shrunk checkpoint. ``compile_backbone`` compiles with
 the ``aot_eager`` backend here (graph capture and AOT autograd, no inductor C++ code generation).
 """
@@ -31,7 +31,7 @@ _spec = importlib.util.spec_from_file_location('gpu_check', REPO / 'scripts' / '
 gpu_check = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gpu_check)
 
-STEPS, MORE = 3, 2  # batches of the first run; batches the autoresumed run adds
+STEPS, MORE = 2, 1  # batches of the first run (EMA starts after its first); batches the autoresumed run adds
 # The references' weight decay as torch AdamW's (per step: lr x wd): mosaicml/diffusion's SD2 / SDXL recipes 0.01,
 # micro_diffusion 0.1; latent diffusion's autoencoders train with Adam, no decay.
 REFERENCE_WD = {'unet': 0.01, 'microdit': 0.1, 'autoencoder_kl_training': 0.0}

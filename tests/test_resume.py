@@ -40,28 +40,32 @@ def test_sigkill_mid_epoch_then_same_command_gives_identical_weights(demo_photos
                                                                      restore_determinism):
     monkeypatch.chdir(REPO)
     ref, killed = tmp_path / 'ref', tmp_path / 'killed'
-    # Every run in a process of its own, as a user runs the command (nothing an earlier test left in this one).
-    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    # Every run in a process of its own, as a user runs the command (nothing an earlier test left in this one);
+    # one thread each, so that the uninterrupted reference and the run to be killed train side by side.
+    env = dict(os.environ, OMP_NUM_THREADS='1')
 
-    def run(out: Path) -> None:
-        done = subprocess.run([sys.executable, 'run.py', *command(demo_photos, out)], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
+    def start(out: Path) -> subprocess.Popen:
+        log = open(tmp_path / f'{out.name}.log', 'a')  # a file, not a pipe: a full pipe would stall the run
+        return subprocess.Popen([sys.executable, 'run.py', *command(demo_photos, out)], cwd=REPO, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
 
-    run(ref)
+    def finish(proc: subprocess.Popen, out: Path) -> None:
+        assert proc.wait(timeout=600) == 0, (tmp_path / f'{out.name}.log').read_text()[-3000:]
+
+    reference = start(ref)
     # The same run, killed with SIGKILL as soon as its first (mid-epoch) checkpoint exists.
-    proc = subprocess.Popen([sys.executable, 'run.py', *command(demo_photos, killed)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = start(killed)
     deadline = time.time() + 300
     while not (killed / 'latest-rank0.pt').exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
-    err = proc.communicate()[1]
-    assert proc.returncode == -signal.SIGKILL, f'the run ended before it could be killed: {err[-3000:]}'
+    assert proc.wait() == -signal.SIGKILL, 'the run ended before it could be killed: ' + (
+        tmp_path / 'killed.log').read_text()[-3000:]
     first = os.readlink(killed / 'latest-rank0.pt')
     assert 'ba10' not in first, first
 
-    run(killed)  # the same command resumes from the last checkpoint
+    finish(start(killed), killed)  # the same command resumes from the last checkpoint
+    finish(reference, ref)
     a, b = final_weights(ref), final_weights(killed)
     assert a.keys() == b.keys()
     diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].is_floating_point())
