@@ -17,6 +17,7 @@ LAYERS = [
     ('building and loading', ['diffusion/builders.py', 'diffusion/checkpoints.py']),
     ('training', ['diffusion/training/']),
     ('evaluation and export', ['diffusion/evaluation/', 'diffusion/export/', 'diffusion/app.py']),
+    ('demo', ['diffusion/demo/']),
 ]
 
 
