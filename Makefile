@@ -31,9 +31,9 @@ $(STAMP): requirements/lock.txt requirements/nodeps.txt setup.py
 	@echo "make install: the packages are installed"
 
 # The small set of real photos yamls/tiny-cpu.yaml trains on (they ship inside scikit-image, scikit-learn, matplotlib).
-$(DEMO_PHOTOS): $(STAMP) diffusion/data/demo_photos.json
+$(DEMO_PHOTOS): $(STAMP) diffusion/demo/photos.json
 	@echo "make install: the demo photos into data/demo_photos..."
-	$(PYTHON) -c "from diffusion.data import build_demo_photos; build_demo_photos('data/demo_photos')"
+	$(PYTHON) -c "from diffusion.demo.photos import build_demo_photos; build_demo_photos('data/demo_photos')"
 
 # The npm / Debian packages the mini catalog is built from (OpenMoji, Twemoji, OpenClipart), fetched once into the
 # cache that convert/commoncatalog_mini.py reads, so that the test suite itself never downloads anything.

@@ -14,7 +14,7 @@ setup(
     python_requires='>=3.11,<3.12',
     packages=PACKAGES,
     package_dir={'diffusion': 'diffusion', 'diffusion.callbacks': 'callbacks'},
-    package_data={'diffusion.data': ['*.json']},
+    package_data={'diffusion.demo': ['*.json']},
     # Compatible ranges; the exact, fully pinned set is requirements/lock.txt.
     install_requires=[
         'torch>=2.7,<2.7.1',

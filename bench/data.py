@@ -25,7 +25,6 @@ import json
 import os
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,11 +33,10 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from diffusion.data.cli import load_convert_script
+from diffusion.data.sanitize import render_svg
 
-from diffusion.data.cli import load_convert_script  # noqa: E402
-from diffusion.data.sanitize import render_svg  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _cpu() -> float:

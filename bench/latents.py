@@ -46,7 +46,7 @@ def _prepare(args: argparse.Namespace, tmp: Path) -> tuple[str, str, str]:
     """Fill in the dataset, VAE and latents the arguments leave out."""
     src, vae, latents = args.src, args.vae, args.latents
     if src is None:
-        from diffusion.data import build_demo_photos
+        from diffusion.demo.photos import build_demo_photos
         src = str(build_demo_photos(tmp / 'demo_photos'))
     if vae is None:
         from diffusers import AutoencoderKL

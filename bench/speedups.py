@@ -43,7 +43,6 @@ import argparse
 import contextlib
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -52,7 +51,6 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 SPEEDUPS = ('precomputed_latents', 'sdpa', 'channels_last', 'compile', 'bf16_autocast', 'fused_adamw')
 

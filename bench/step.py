@@ -266,7 +266,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data
         if data is None:
-            from diffusion.data import build_demo_photos
+            from diffusion.demo.photos import build_demo_photos
             data = str(build_demo_photos(Path(tmp) / 'demo_photos'))
         model, loader_cfg = build_model_and_loader(args, data)
         pixel, latent, loader_rate = build_batches(args, model, loader_cfg)

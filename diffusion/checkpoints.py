@@ -32,6 +32,7 @@ import datetime
 import io
 import logging
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -41,8 +42,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ['CheckpointInfo', 'SAFE_GLOBALS', 'find_checkpoint', 'is_sharded_checkpoint', 'load_checkpoint_state',
-           'load_model', 'model_weights', 'read_sharded_metadata', 'sharded_checkpoint_problems']
+__all__ = ['CheckpointInfo', 'SAFE_GLOBALS', 'checkpoint_batch', 'checkpoints_by_batch', 'find_checkpoint',
+           'is_sharded_checkpoint', 'is_sharded_checkpoint_name', 'load_checkpoint_state', 'load_model',
+           'model_weights', 'read_sharded_metadata', 'sharded_checkpoint_problems']
 
 WEIGHT_CHOICES = ('auto', 'ema', 'training')
 
@@ -73,6 +75,36 @@ class CheckpointInfo:
     def as_dict(self) -> dict[str, Any]:
         return {'checkpoint': self.checkpoint, 'config': self.config, 'weights': self.weights,
                 'has_ema': self.has_ema, 'batch': self.batch, 'run_name': self.run_name}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint names: composer's ``ep{epoch}-ba{batch}-rank{rank}.pt`` files and ``ep{epoch}-ba{batch}`` sharded folders
+# ---------------------------------------------------------------------------------------------
+_BATCH_IN_NAME = re.compile(r'ba(\d+)')
+# Composer's default folder name of a sharded checkpoint (FSDP's ``sharded_ckpt_prefix_dir``).
+_SHARDED_NAME = re.compile(r'^ep\d+-ba\d+$')
+
+
+def checkpoint_batch(name: str) -> Optional[int]:
+    """The batch count a checkpoint's name carries (the last ``ba<N>`` in it: ``ep0-ba200-rank0.pt`` -> 200,
+    ``ep1-ba8`` -> 8), or None when it carries none (``latest-rank0.pt``)."""
+    found = _BATCH_IN_NAME.findall(name)
+    return int(found[-1]) if found else None
+
+
+def is_sharded_checkpoint_name(name: str) -> bool:
+    """Whether ``name`` is composer's name of a sharded checkpoint folder, ``ep{epoch}-ba{batch}``."""
+    return bool(_SHARDED_NAME.match(name))
+
+
+def checkpoints_by_batch(folder: Union[str, Path], rank: int = 0) -> list[tuple[int, Path]]:
+    """``(batch, path)`` of the checkpoint files ``ep*-ba*-rank{rank}.pt`` in a save folder, oldest first."""
+    found = []
+    for path in Path(folder).glob(f'ep*-ba*-rank{rank}.pt'):
+        batch = checkpoint_batch(path.name)
+        if batch is not None:
+            found.append((batch, path))
+    return sorted(found)
 
 
 def find_checkpoint(path: Union[str, Path]) -> Path:

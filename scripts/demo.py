@@ -11,17 +11,17 @@ is skipped when the demo runs again, `--force` redoes everything):
  4. latents      convert/precompute_latents.py   VAE latents + MiniLM text states, stored once
  5. unet         run.py yamls/demo/unet.yaml      mini CommonCanvas-S UNet on the latents, every checkpoint kept
  6. microdit     run.py yamls/demo/microdit.yaml  mini MicroDiT on the same latents
- 7. eval-<model> python -m diffusion.evaluation.demo_eval   FID/KID on the held-out images at the first and last
+ 7. eval-<model> python -m diffusion.demo.evaluate   FID/KID on the held-out images at the first and last
                                                   checkpoint, the category probe, a guidance sweep
  8. export       convert/export_diffusers.py     a diffusers pipeline folder + model card (licences, attribution)
- 9. report       diffusion/evaluation/report.py  outputs/demo/report.md + report.html + metrics.json
+ 9. report       diffusion/demo/report.py        outputs/demo/report.md + report.html + metrics.json
 
 `--quick` runs the same stages for the UNet only, with fewer steps and 128 held-out images, into
 outputs/demo-quick/ (and data/demo/latents-quick).
 
 `--data my_folder` runs the learning route on your own captioned images instead (x.jpg + x.txt; also a manifest,
 tar shards or a Hugging Face datasets folder): convert (with `--license`/`--creator`), autoencoder, latents, UNet,
-held-out evaluation, export with a model card; see scripts/demo_own.py and docs/own-data.md.
+held-out evaluation, export with a model card; see diffusion/demo/own_data.py and docs/own-data.md.
 """
 from __future__ import annotations
 
@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 PY = sys.executable
 
 # What each variant spends its budget on (steps are batches of 16 images; every run keeps `checkpoints`
@@ -157,7 +156,7 @@ def eval_stages(args: argparse.Namespace, paths: dict[str, Path], times: dict[st
     """Per model: FID/KID first vs last checkpoint, probe, sweep; then the UNet's diffusers export."""
     root, logs = paths['root'], paths['logs']
     for name in args.models:
-        cmd = [PY, '-m', 'diffusion.evaluation.demo_eval', '--data', str(paths['catalog']), '--run', str(root / name),
+        cmd = [PY, '-m', 'diffusion.demo.evaluate', '--data', str(paths['catalog']), '--run', str(root / name),
                '--features', str(root / 'features'), '--sampler', MODELS[name][1], '--steps', str(args.sample_steps),
                '--probe-train', str(args.probe_train), '--sweep-images', str(args.sweep_images)]
         if args.eval_images:
@@ -168,7 +167,7 @@ def eval_stages(args: argparse.Namespace, paths: dict[str, Path], times: dict[st
         times['export'] = step('export', [
             PY, 'convert/export_diffusers.py', '--checkpoint', f'{root}/unet/checkpoints', '--out', str(pipeline)],
             pipeline / 'model_index.json', args.force, logs)
-        from diffusion.evaluation.report import licence_counts, write_model_card
+        from diffusion.demo.report import licence_counts, write_model_card
         attribution = paths['catalog'] / 'attribution.csv'
         write_model_card(pipeline, attribution, licence_counts(attribution),
                          'A mini CommonCanvas-S (SD2-layout UNet, 9.4M parameters) trained from scratch on a CPU by '
@@ -179,7 +178,7 @@ def eval_stages(args: argparse.Namespace, paths: dict[str, Path], times: dict[st
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.data is not None:
-        from demo_own import own_data_stages, own_data_summary  # scripts/ is on sys.path: this script's folder
+        from diffusion.demo.own_data import own_data_stages, own_data_summary
         start = time.time()
         times = own_data_stages(args, REPO, PY, step)
         own_data_summary(args, REPO, times, time.time() - start)
@@ -196,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     earlier = _read_json(root / 'timings.json')
     merged = {k: (v if v > 0 or k not in earlier else earlier[k]) for k, v in times.items()}
     (root / 'timings.json').write_text(json.dumps(merged, indent=1))
-    from diffusion.evaluation.report import build_report
+    from diffusion.demo.report import build_report
     report = build_report(root, paths['catalog'], args.models, merged, variant)
     total = time.time() - start
     print('\n================ demo summary ================')

@@ -24,7 +24,7 @@ Equal compute is measured, not typed in:
    each with ``OMP_NUM_THREADS=--threads``; each run's own CPU time is measured (``resource`` of the child) and
    reported beside the calibrated budget (the run's figure also holds start-up, data loading and checkpointing).
 4. **Scoring** of each run's last checkpoint (EMA weights when present) with the demo's evaluation functions
-   (:mod:`diffusion.evaluation.demo_eval`): one image per held-out caption, at each model's default sampler
+   (:mod:`diffusion.demo.evaluate`): one image per held-out caption, at each model's default sampler
    (``diffusion.samplers.sampling_defaults``; MicroDiT: EDM Heun, 30 steps, guidance 5; the UNet: the
    demo's DDIM, 20 steps, guidance 3) unless ``--sampler/--steps/--guidance`` are given, then FID and KID of their
    Inception features against the real held-out images' (cached in ``--features``).
@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 MASK = 0.75
 ARMS = ('microdit-unmasked', 'microdit-masked', 'unet')
@@ -211,13 +210,14 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
     """FID/KID of each arm's last checkpoint on the held-out captions, against the real held-out images."""
     import torch
 
-    from diffusion.evaluation import demo_eval
+    from diffusion.checkpoints import checkpoints_by_batch
+    from diffusion.demo.evaluate import fid_kid, generate, num_samples
+    from diffusion.demo.probe import cached_features, inception_features, load_labeled
     from diffusion.evaluation.metrics import InceptionFeatures
-    from diffusion.evaluation.probe import cached_features, inception_features, load_labeled
     torch.set_num_threads(args.eval_threads)
     out = Path(args.out)
     catalog = str(REPO / args.catalog) if not Path(args.catalog).is_absolute() else args.catalog
-    n_eval = demo_eval._num_samples(catalog, 'eval')
+    n_eval = num_samples(catalog, 'eval')
     held = load_labeled(catalog, 'eval', limit=args.eval_images, size=64,
                         stride=max(1, n_eval // (args.eval_images or n_eval)))
     extractor = InceptionFeatures()
@@ -225,18 +225,17 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
                            lambda: held['images'], extractor)
     scores = {}
     for arm in ARMS:
-        ckpts = demo_eval.checkpoints_of(out / arm / 'checkpoints')
+        ckpts = checkpoints_by_batch(out / arm / 'checkpoints')
         if not ckpts:
             raise FileNotFoundError(f'{out / arm}/checkpoints holds no checkpoint')
-        gen_args = argparse.Namespace(sampler=args.sampler, steps=args.steps, guidance=args.guidance,
-                                      seed=args.seed, batch_size=args.batch_size)
         batch, path = ckpts[-1]
-        images = demo_eval._generate(path, held['captions'], out / arm / 'eval' / f'ba{batch}', gen_args,
-                                     args.guidance)
+        images, chosen = generate(path, held['captions'], out / arm / 'eval' / f'ba{batch}', args.sampler,
+                                  args.steps, args.guidance, args.seed, args.batch_size)
         feats = inception_features(images, extractor=extractor)
-        scores[arm] = {**demo_eval.fid_kid(real, feats, args.kid_subsets, seed=args.seed), 'batch': batch,
-                       'num_generated': len(images), 'sampler': gen_args.sampler, 'sampling_steps': gen_args.steps,
-                       'guidance_scale': gen_args.guidance}
+        scores[arm] = {**fid_kid(real, feats, args.kid_subsets, seed=args.seed), 'batch': batch,
+                       'num_generated': len(images), 'sampler': chosen['sampler'],
+                       'sampling_steps': chosen['num_inference_steps'],
+                       'guidance_scale': args.guidance if args.guidance is not None else chosen['guidance_scale']}
         logging.info('%s: FID %.2f KID %.4f', arm, scores[arm]['fid'], scores[arm]['kid_mean'])
     return {'n_reference': len(held['keys']), 'scores': scores}
 

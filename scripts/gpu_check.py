@@ -198,7 +198,7 @@ def make_assets(folder: Path, device: str = 'cpu', photos: Optional[Path] = None
     import torch
     from diffusers import AutoencoderKL
 
-    from diffusion.data import build_demo_photos
+    from diffusion.demo.photos import build_demo_photos
     from diffusion.models.autoencoders import TINY_VAE_CONFIG
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)

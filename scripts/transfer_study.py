@@ -31,7 +31,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from leakage_study import REPO, Reference, sample, train, train_config
+from diffusion.demo.studies import Reference, sample, train, train_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger('transfer_study')
 

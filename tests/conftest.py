@@ -20,7 +20,7 @@ def repo() -> Path:
 @pytest.fixture(scope='session')
 def demo_photos(tmp_path_factory) -> Path:
     """The small MDS set of real photos (train + eval splits) the tiny configs train on."""
-    from diffusion.data import build_demo_photos
+    from diffusion.demo.photos import build_demo_photos
     return Path(build_demo_photos(tmp_path_factory.mktemp('demo_photos')))
 
 

@@ -96,7 +96,7 @@ def test_streams_mixing(demo_photos):
 
 
 def _eval_captions(root: Path) -> list[str]:
-    from diffusion.data.demo_photos import demo_photo_entries
+    from diffusion.demo.photos import demo_photo_entries
     return [e['caption'] for e in demo_photo_entries() if e['split'] == 'eval']
 
 

@@ -108,24 +108,29 @@ class _GivenFeatures(torch.nn.Module):
         return x.double()
 
 
-def test_frechet_distance_matches_torchmetrics_public_fid():
-    """Our Frechet distance (no private torchmetrics helper) equals the public FrechetInceptionDistance, and
-    ImageMetrics reads KID's feature lists through the public ``metric_state`` (a rename fails here)."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
+def test_fid_kid_of_given_features_through_torchmetrics_public_metrics():
+    """``fid_kid`` (FID and KID of feature sets, no private torchmetrics helper): FID is the closed-form Frechet
+    distance, KID the public KernelInceptionDistance at the same seed, and ImageMetrics reads KID's feature
+    lists through the public ``metric_state`` (a rename fails here)."""
+    from scipy import linalg
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    from diffusion.evaluation.metrics import frechet_distance
+    from diffusion.evaluation.metrics import fid_kid
     g = torch.Generator().manual_seed(0)
     real = torch.randn(200, 16, generator=g, dtype=torch.float64)
     fake = 0.8 * torch.randn(150, 16, generator=g, dtype=torch.float64) + 0.3
-    fid = FrechetInceptionDistance(feature=_GivenFeatures())
-    fid.update(real, real=True)
-    fid.update(fake, real=False)
-    ours = frechet_distance(fake.mean(0), torch.cov(fake.T), real.mean(0), torch.cov(real.T))
-    assert ours == pytest.approx(float(fid.compute()), rel=1e-6)
-    assert ours > 1.0 and frechet_distance(real.mean(0), torch.cov(real.T), real.mean(0), torch.cov(real.T)) < 1e-6
-    kid = KernelInceptionDistance(feature=_GivenFeatures(), subset_size=10)
+    ours = fid_kid(real, fake, kid_subsets=5, kid_subset_size=50, seed=3)
+    s1, s2 = np.cov(real.numpy().T), np.cov(fake.numpy().T)
+    closed = float(((real.mean(0) - fake.mean(0)) ** 2).sum()) + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    assert ours['fid'] == pytest.approx(closed, rel=1e-6) and ours['fid'] > 1.0
+    assert abs(fid_kid(real, real)['fid']) < 1e-6
+    kid = KernelInceptionDistance(feature=_GivenFeatures(), subsets=5, subset_size=50)
     kid.update(real, real=True)
+    kid.update(fake, real=False)
+    torch.manual_seed(3)
+    mean, std = kid.compute()
+    assert (ours['kid_mean'], ours['kid_std'], ours['kid_subset_size']) == (float(mean), float(std), 50)
+    assert fid_kid(real, fake, kid_subsets=5, kid_subset_size=50, seed=4)['kid_mean'] != ours['kid_mean']
     assert torch.equal(torch.cat(kid.metric_state['real_features']), real)
 
 

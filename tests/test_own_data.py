@@ -18,7 +18,7 @@ DEMO_PHOTOS = REPO / 'data' / 'demo_photos'
 def photo_folder(folder: Path) -> Path:
     """The demo photos (real photographs shipped by installed packages) as a user's folder: x.jpg + x.txt."""
     if not (DEMO_PHOTOS / 'eval' / 'index.json').exists():
-        from diffusion.data import build_demo_photos
+        from diffusion.demo.photos import build_demo_photos
         build_demo_photos(DEMO_PHOTOS)
     folder.mkdir(parents=True)
     for split in ('train', 'eval'):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from diffusion.evaluation.probe import (CategoryProbe, balanced_accuracy, cached_features, inception_features,
-                                        load_labeled, normalize_category)
+from diffusion.demo.probe import (CategoryProbe, balanced_accuracy, cached_features, inception_features, load_labeled,
+                                  normalize_category)
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / 'data' / 'cache'
@@ -106,7 +106,7 @@ def test_catalog_stores_each_emoji_category(tmp_path):
 # The demo's evaluation and report pieces
 # ---------------------------------------------------------------------------------------------
 def test_fid_kid_from_features_orders_near_and_far_sets():
-    from diffusion.evaluation.demo_eval import fid_kid
+    from diffusion.demo.evaluate import fid_kid
     rng = np.random.default_rng(0)
     real = rng.normal(size=(300, 16)).astype(np.float32)
     near = rng.normal(size=(300, 16)).astype(np.float32)
@@ -119,7 +119,7 @@ def test_fid_kid_from_features_orders_near_and_far_sets():
 def test_reconstructions_through_the_autoencoder():
     """decode(encode(x)) as images of the input's size; an autoencoder that reconstructs well scores near the input."""
     from diffusion import registry
-    from diffusion.evaluation.demo_eval import _fingerprint, reconstructions
+    from diffusion.demo.evaluate import _fingerprint, reconstructions
     from diffusion.builders import import_components
     import_components()
     ae = registry.build(registry.autoencoders, {'name': 'autoencoder_kl', 'config': 'tiny'})
@@ -136,18 +136,18 @@ def test_reconstructions_through_the_autoencoder():
     assert _fingerprint(ae) != before  # cached features follow retrained weights
 
 
-def test_checkpoints_of_orders_by_batch(tmp_path):
-    from diffusion.evaluation.demo_eval import checkpoints_of
+def test_checkpoints_by_batch_orders_by_batch(tmp_path):
+    from diffusion.checkpoints import checkpoints_by_batch
     for name in ('ep1-ba1000-rank0.pt', 'ep0-ba200-rank0.pt', 'latest-rank0.pt', 'ep0-ba600-rank0.pt'):
         (tmp_path / name).write_bytes(b'')
-    assert [b for b, _ in checkpoints_of(tmp_path)] == [200, 600, 1000]
+    assert [b for b, _ in checkpoints_by_batch(tmp_path)] == [200, 600, 1000]
 
 
 def test_report_files_and_model_card(tmp_path):
     import json
 
-    from diffusion.evaluation.report import (METRIC_KEYS, labelled_grid, licence_counts, metrics_section,
-                                             model_metrics, write_model_card, write_report)
+    from diffusion.demo.report import (METRIC_KEYS, labelled_grid, licence_counts, metrics_section, model_metrics,
+                                       write_model_card, write_report)
     evaluation = {'chance': 0.1, 'probe_classes': list('abcdefghij'), 'probe_accuracy_real': 0.7, 'n_reference': 500,
                   'checkpoints': {'first': {'batch': 100, 'fid': 300.0, 'kid_mean': 0.3, 'probe_accuracy': 0.12},
                                   'last': {'batch': 900, 'fid': 90.0, 'kid_mean': 0.05, 'probe_accuracy': 0.4}}}
@@ -195,7 +195,7 @@ def test_demo_profiles_and_overrides():
 
 
 def test_demo_eval_end_to_end(tmp_path):
-    """``python -m diffusion.evaluation.demo_eval`` on a real 2-checkpoint run and a real emoji catalog: metrics.json
+    """``python -m diffusion.demo.evaluate`` on a real 2-checkpoint run and a real emoji catalog: metrics.json
     holds both checkpoints, the autoencoder ceiling and the probe fitted on reconstructions, and a second run reads
     every real feature from the cache."""
     import json
@@ -204,7 +204,7 @@ def test_demo_eval_end_to_end(tmp_path):
 
     from convert import commoncatalog_mini
     from diffusion.config import load_config
-    from diffusion.evaluation import demo_eval
+    from diffusion.demo import evaluate as demo_eval
     from diffusion.training.train import build_trainer
     catalog = tmp_path / 'cc'
     commoncatalog_mini.main(['--out', str(catalog), '--cache-dir', str(CACHE), '--sources', 'openmoji', 'twemoji',
@@ -219,13 +219,16 @@ def test_demo_eval_end_to_end(tmp_path):
         'model.backbone.sample_size=8']))
     trainer.fit()
     trainer.close()
+    # 4 of the held-out captions (generated twice: first and last checkpoint); the probes keep every training image
+    # (at least 10 per category), whose Inception and autoencoder passes are most of the test's time.
     argv = ['--data', str(catalog), '--run', str(run), '--features', str(tmp_path / 'features'), '--size', '32',
-            '--probe-train', '40', '--steps', '2', '--sweep', '1', '3', '--sweep-images', '2', '--kid-subsets', '5']
+            '--num-reference', '4', '--probe-train', '40', '--steps', '2', '--sweep', '1', '3', '--sweep-images', '2',
+            '--kid-subsets', '5']
     assert demo_eval.main(argv) == 0
     metrics = json.loads((run / 'eval' / 'metrics.json').read_text())
     first, last = metrics['checkpoints']['first'], metrics['checkpoints']['last']
     assert (first['batch'], last['batch']) == (1, 2)
-    assert first['num_generated'] == last['num_generated'] == metrics['n_reference'] > 0
+    assert first['num_generated'] == last['num_generated'] == metrics['n_reference'] == 4
     for row in (first, last, metrics['reconstructed']):
         assert np.isfinite(row['fid']) and 0 <= row['probe_accuracy'] <= 1 and 0 <= row['probe_ae_accuracy'] <= 1
     assert 0 <= metrics['probe_ae_accuracy_real'] <= 1 and len(metrics['sweep']) == 2

@@ -3,9 +3,9 @@
 Preparing data: ``sanitize`` (the image-sanitising function and caption checks), ``licenses`` (licence ids and
 the commercial / noncommercial / all sets), ``writer`` (the shared resumable MDS writer; ``pool`` runs
 converters over worker processes, ``cli`` holds their shared options), ``sources`` (per-source
-fetch and parse code for the mini catalog), ``demo_photos`` (a tiny set of real photos shipped by installed
-packages), ``mds_rows`` (derive a dataset from another row by row, across ranks), ``captioning`` (telephoning:
-synthetic captions from a pretrained captioner) and ``precompute`` (autoencoder latents and text states).
+fetch and parse code for the mini catalog), ``mds_rows`` (derive a dataset from another row by row, across
+ranks), ``captioning`` (telephoning: synthetic captions from a pretrained captioner) and ``precompute``
+(autoencoder latents and text states). The demo's photo set is :mod:`diffusion.demo.photos`.
 Loading: ``dataset`` (``StreamingImageCaptionDataset`` and the ``image_caption`` dataloader builder, registered
 when ``diffusion.data.dataset`` is imported).
 
@@ -18,7 +18,6 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    'build_demo_photos': 'diffusion.data.demo_photos',
     'DatasetWriter': 'diffusion.data.writer',
     'run_conversion': 'diffusion.data.pool',
     'SkipSample': 'diffusion.data.sanitize',

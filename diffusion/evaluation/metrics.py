@@ -27,8 +27,8 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ['inception_path', 'InceptionFeatures', 'clean_resize', 'images_to_tensor', 'ImageMetrics',
-           'load_clip_score', 'frechet_distance']
+__all__ = ['inception_path', 'InceptionFeatures', 'GivenFeatures', 'clean_resize', 'images_to_tensor', 'ImageMetrics',
+           'load_clip_score', 'fid_kid']
 
 INCEPTION_SIZE = 299
 
@@ -78,17 +78,68 @@ class InceptionFeatures(nn.Module):
         return feats
 
 
-def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> float:
-    """Frechet distance of two Gaussians (Dowson & Landau 1982; FID: Heusel et al. 2017, eq. 6).
+class GivenFeatures(nn.Module):
+    """A torchmetrics feature extractor that hands back the features it is given: FID and KID of features
+    computed earlier (cached, or taken from another metric) go through torchmetrics' public metric classes.
 
-    ``d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrt(S1 S2))``, where ``tr(sqrt(S1 S2))`` is the sum of the square
-    roots of the eigenvalues of ``S1 S2`` (real and non-negative for covariance matrices), in float64. Written
-    here, not taken from torchmetrics' private ``_compute_fid``; ``tests/test_eval.py`` checks it against
-    torchmetrics' public ``FrechetInceptionDistance`` on the same features.
+    Args:
+        num_features: The features' dimension (torchmetrics sizes FID's state by it).
     """
-    mu1, mu2, sigma1, sigma2 = (x.double() for x in (mu1, mu2, sigma1, sigma2))
-    root_trace = torch.linalg.eigvals(sigma1 @ sigma2).sqrt().real.sum()
-    return float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * root_trace)
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def fid_kid(real: Union[np.ndarray, torch.Tensor], fake: Union[np.ndarray, torch.Tensor], kid_subsets: int = 100,
+            kid_subset_size: int = 1000, seed: int = 0,
+            kid_dtype: Optional[torch.dtype] = torch.float64) -> dict[str, Any]:
+    """FID and KID of two feature sets, (N, D) real and (M, D) generated, with torchmetrics' public
+    ``FrechetInceptionDistance`` and ``KernelInceptionDistance`` fed the features through :class:`GivenFeatures`.
+
+    FID: the Frechet distance of the two sets' Gaussians (Heusel et al. 2017, eq. 6), accumulated in float64 by
+    torchmetrics. KID: the unbiased MMD with the cubic polynomial kernel (Binkowski et al. 2018) over
+    ``kid_subsets`` random subsets of ``min(kid_subset_size, N, M)`` rows of each set; the subsets are drawn from
+    torch's CPU generator seeded with ``seed`` (its state is restored afterwards), so a rerun gives the same value.
+
+    Args:
+        real: Reference features (at least 2 rows).
+        fake: Generated images' features (at least 2 rows).
+        kid_subsets: Number of KID subsets.
+        kid_subset_size: KID subset size (clipped to the smaller set's size).
+        seed: Seed of KID's subsets.
+        kid_dtype: The dtype KID's kernels are computed in (``None``: the features' own).
+
+    Returns:
+        ``{'fid', 'kid_mean', 'kid_std', 'kid_subset_size'}``; ``kid_std`` is torchmetrics' (the population
+        standard deviation over the subsets).
+    """
+    import warnings
+
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+    r, f = torch.as_tensor(real), torch.as_tensor(fake)
+    if r.ndim != 2 or f.ndim != 2 or r.shape[1] != f.shape[1]:
+        raise ValueError(f'feature sets of shapes {tuple(r.shape)} and {tuple(f.shape)}: expected (N, D) and (M, D)')
+    if len(r) < 2 or len(f) < 2:
+        raise ValueError(f'FID and KID need at least 2 features on each side, got {len(r)} real and {len(f)} generated')
+    fid = FrechetInceptionDistance(feature=GivenFeatures(r.shape[1]))
+    fid.update(r.double(), real=True)
+    fid.update(f.double(), real=False)
+    size = min(kid_subset_size, len(r), len(f))
+    with warnings.catch_warnings():  # "will save all extracted features in buffer": it holds the given ones
+        warnings.filterwarnings('ignore', message='Metric `Kernel Inception Distance` will save')
+        kid = KernelInceptionDistance(feature=GivenFeatures(r.shape[1]), subsets=kid_subsets, subset_size=size)
+    kid.update(r if kid_dtype is None else r.to(kid_dtype), real=True)
+    kid.update(f if kid_dtype is None else f.to(kid_dtype), real=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        kid_mean, kid_std = kid.compute()
+    return {'fid': float(fid.compute()), 'kid_mean': float(kid_mean), 'kid_std': float(kid_std),
+            'kid_subset_size': size}
 
 
 def clean_resize(image: Image.Image, size: int = INCEPTION_SIZE) -> np.ndarray:
@@ -134,9 +185,9 @@ class ImageMetrics:
     """FID, KID and (optionally) CLIP score of generated images against one reference set.
 
     One Inception pass per image: torchmetrics' ``KernelInceptionDistance`` (with the local network) extracts
-    and keeps the features and computes KID; FID is torchmetrics' Frechet distance of the same features'
-    means and covariances. Reference features are computed once (:meth:`add_reference`); each generated set
-    is scored with :meth:`score`, which resets only the generated side.
+    and keeps the features; :func:`fid_kid` computes FID and KID of them (KID in the network's float32).
+    Reference features are computed once (:meth:`add_reference`); each generated set is scored with
+    :meth:`score`, which resets only the generated side.
 
     Args:
         kid_subset_size: KID subset size (clipped to the smaller set's size when scoring).
@@ -153,7 +204,7 @@ class ImageMetrics:
         self.features = InceptionFeatures(inception)
         self.kid = KernelInceptionDistance(feature=self.features, subsets=kid_subsets, subset_size=kid_subset_size,
                                            reset_real_features=False)
-        self.kid_subset_size = kid_subset_size
+        self.kid_subset_size, self.kid_subsets = kid_subset_size, kid_subsets
         self.batch_size, self.seed = batch_size, seed
         self.clip, self.clip_reason = load_clip_score(clip_model)
 
@@ -176,11 +227,6 @@ class ImageMetrics:
         for x in self._batches(images):
             self.kid.update(x, real=True)
 
-    def _fid(self) -> float:
-        real = torch.cat(self.kid.metric_state['real_features']).double()  # (N, 2048)
-        fake = torch.cat(self.kid.metric_state['fake_features']).double()  # (M, 2048)
-        return frechet_distance(fake.mean(0), torch.cov(fake.T), real.mean(0), torch.cov(real.T))
-
     def score(self, images: Sequence[Image.Image], prompts: Optional[Sequence[str]] = None) -> dict[str, Any]:
         """Metrics of ``images`` (and their ``prompts`` for CLIP score) against the reference set.
 
@@ -195,13 +241,10 @@ class ImageMetrics:
         self.kid.reset()  # keeps the reference features (reset_real_features=False)
         for x in self._batches(images):
             self.kid.update(x, real=False)
-        subset = min(self.num_reference, len(images), self.kid_subset_size)
-        self.kid.subset_size = subset
-        with torch.random.fork_rng():
-            torch.manual_seed(self.seed)
-            kid_mean, kid_std = self.kid.compute()
-        out = {'fid': self._fid(), 'kid_mean': float(kid_mean), 'kid_std': float(kid_std),
-               'kid_subset_size': subset, 'num_generated': len(images), 'num_reference': self.num_reference,
+        real = torch.cat(self.kid.metric_state['real_features'])  # (N, 2048)
+        fake = torch.cat(self.kid.metric_state['fake_features'])  # (M, 2048)
+        out = {**fid_kid(real, fake, self.kid_subsets, self.kid_subset_size, self.seed, kid_dtype=None),
+               'num_generated': len(images), 'num_reference': self.num_reference,
                'clip_score': None, 'clip_score_reason': self.clip_reason}
         if self.clip is not None and prompts is not None:
             out['clip_score'], out['clip_score_reason'] = self._clip_score(images, prompts), None

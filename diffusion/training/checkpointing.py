@@ -36,7 +36,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 import struct
 import zipfile
 from pathlib import Path
@@ -47,6 +46,8 @@ import torch
 from composer.core import Callback, Event, State
 from composer.loggers import Logger
 
+from diffusion.checkpoints import checkpoint_batch, is_sharded_checkpoint_name
+
 log = logging.getLogger(__name__)
 
 __all__ = ['AdoptEarlierCheckpoints', 'PerBatchSeed', 'checkpoint_is_complete', 'repair_latest_checkpoint']
@@ -55,9 +56,6 @@ __all__ = ['AdoptEarlierCheckpoints', 'PerBatchSeed', 'checkpoint_is_complete', 
 # =============================================================================================
 # A checked `latest` before autoresume
 # =============================================================================================
-_BATCH = re.compile(r'ba(\d+)')
-# Composer's default folder name of a sharded checkpoint (FSDP's ``sharded_ckpt_prefix_dir``).
-_SHARDED_NAME = re.compile(r'^ep\d+-ba\d+$')
 # Files up to this size get the full zip test (CRC of every record, ~1 s a GB); larger ones the structural check.
 FULL_CHECK_BYTES = 1 << 30
 _LOCAL_HEADER = struct.Struct('<4s22xHH')  # signature, (version ... sizes), name length, extra length
@@ -110,15 +108,15 @@ def checkpoint_is_complete(path: str | Path, full_check_bytes: int = FULL_CHECK_
 
 
 def _batch_of(path: Path) -> int:
-    found = _BATCH.findall(path.name)
-    return int(found[-1]) if found else -1
+    batch = checkpoint_batch(path.name)
+    return -1 if batch is None else batch
 
 
 def _is_sharded_folder(path: Path) -> bool:
     """A sharded checkpoint folder, whole or not: composer's ``ep*-ba*`` name, or an index or shard inside."""
     if not path.is_dir() or path.is_symlink():
         return False
-    return bool(_SHARDED_NAME.match(path.name)) or (path / '.metadata').exists() or \
+    return is_sharded_checkpoint_name(path.name) or (path / '.metadata').exists() or \
         any(path.glob('.metadata*')) or any(path.glob('*.distcp'))
 
 

@@ -1,11 +1,11 @@
 """The demo's evaluation of one trained model: FID/KID at its first and last checkpoint, the category probe, a sweep.
 
-``python -m diffusion.evaluation.demo_eval --data DATA --run outputs/demo/unet --features outputs/demo/features``
+``python -m diffusion.demo.evaluate --data DATA --run outputs/demo/unet --features outputs/demo/features``
 
 Prompts are the captions of the held-out (``eval``) split of the catalog, one image each, so FID/KID compare
 the model's images for those captions with the real images that carry them (>= 500 in the demo). Every
 image goes through the TF-FID Inception once; its pool features serve FID, KID and the linear category probe
-(:mod:`diffusion.evaluation.probe`) alike, and the real images' features are cached (``--features``) for
+(:mod:`diffusion.demo.probe`) alike, and the real images' features are cached (``--features``) for
 every model of the demo. Generation is resumable (:func:`diffusion.evaluation.generate.generate_to_folder`).
 
 Writes ``<run>/eval/metrics.json``: per checkpoint (first, last) FID, KID, probe balanced accuracy; the probe's
@@ -22,8 +22,8 @@ import argparse
 import functools
 import json
 import logging
+import math
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -31,11 +31,11 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from diffusion.evaluation.probe import CategoryProbe, cached_features, inception_features, load_labeled
+from diffusion.demo.probe import CategoryProbe, cached_features, inception_features, load_labeled
 
 log = logging.getLogger(__name__)
 
-__all__ = ['fid_kid', 'checkpoints_of', 'reconstructions', 'main']
+__all__ = ['fid_kid', 'generate', 'num_samples', 'reconstructions', 'main']
 
 # Defaults for DDPM models (the demo's UNet); EDM models (MicroDiT) take the project's: heun, 30 steps, guidance 5.
 DEMO_DDPM_SAMPLING = {'sampler': 'ddim', 'num_inference_steps': 20, 'guidance_scale': 3.0}
@@ -43,26 +43,13 @@ DEMO_DDPM_SAMPLING = {'sampler': 'ddim', 'num_inference_steps': 20, 'guidance_sc
 
 def fid_kid(real: np.ndarray, fake: np.ndarray, subsets: int = 100, subset_size: int = 1000,
             seed: int = 0) -> dict[str, float]:
-    """FID and KID of two feature sets, with torchmetrics' own formulas (as :class:`ImageMetrics` computes them)."""
-    from torchmetrics.image.fid import _compute_fid
-    from torchmetrics.image.kid import poly_mmd
-    r, f = torch.from_numpy(real).double(), torch.from_numpy(fake).double()
-    fid = float(_compute_fid(f.mean(0), torch.cov(f.T), r.mean(0), torch.cov(r.T)))
-    size = min(subset_size, len(r), len(f))
-    gen = torch.Generator().manual_seed(seed)
-    kids = torch.stack([poly_mmd(r[torch.randperm(len(r), generator=gen)[:size]],
-                                 f[torch.randperm(len(f), generator=gen)[:size]]) for _ in range(subsets)])
-    return {'fid': fid, 'kid_mean': float(kids.mean()), 'kid_std': float(kids.std()), 'kid_subset_size': size}
-
-
-def checkpoints_of(folder: str | Path) -> list[tuple[int, Path]]:
-    """``(batch, path)`` of a run's composer checkpoints (``ep*-ba<N>-rank0.pt``), oldest first."""
-    found = []
-    for path in Path(folder).glob('ep*-ba*-rank0.pt'):
-        match = re.search(r'-ba(\d+)-', path.name)
-        if match:
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+    """FID and KID of two feature sets (:func:`diffusion.evaluation.metrics.fid_kid`, KID in float64); the demo
+    reports KID's spread over the subsets as the sample standard deviation (``kid_std``)."""
+    from diffusion.evaluation.metrics import fid_kid as metrics_fid_kid
+    scores = metrics_fid_kid(real, fake, subsets, subset_size, seed)
+    # torchmetrics gives the population standard deviation over the subsets: n / (n - 1) in the variance
+    scores['kid_std'] = scores['kid_std'] * math.sqrt(subsets / (subsets - 1)) if subsets > 1 else float('nan')
+    return scores
 
 
 def reconstructions(autoencoder: Any, images: Sequence[Any], batch_size: int = 32) -> list[Any]:
@@ -99,29 +86,33 @@ def _load(ckpt: Path) -> tuple[Any, Any]:
     return load_model(ckpt, weights='auto')
 
 
-def _generate(ckpt: Path, prompts: Sequence[str], out: Path, args: argparse.Namespace,
-              guidance: float) -> list[Any]:
-    """Images for ``prompts`` from one checkpoint (resumable folder ``out``), as PIL images in prompt order."""
+def generate(ckpt: Path, prompts: Sequence[str], out: Path, sampler: Optional[str] = None,
+             steps: Optional[int] = None, guidance: Optional[float] = None, seed: int = 0,
+             batch_size: int = 32) -> tuple[list[Any], dict[str, Any]]:
+    """Images for ``prompts`` from one checkpoint (resumable folder ``out``), one each, at seed ``seed``.
+
+    ``sampler``, ``steps`` and ``guidance`` left ``None`` take the model's defaults (DDPM models: the demo's,
+    :data:`DEMO_DDPM_SAMPLING`). Returns the RGB PIL images in prompt order and the settings used
+    (``sampler``, ``num_inference_steps``, ``guidance_scale``).
+    """
     from PIL import Image
 
     from diffusion.evaluation.generate import default_size, generate_to_folder
     from diffusion.samplers import resolve_sampling
     model, info = _load(ckpt)
     size = default_size(model)
-    chosen = resolve_sampling(model, args.sampler, args.steps, guidance, ddpm=DEMO_DDPM_SAMPLING)
-    args.sampler, args.steps = chosen['sampler'], chosen['num_inference_steps']  # recorded in metrics.json
-    if args.guidance is None and guidance is None:  # the checkpoints' guidance: the model's default
-        args.guidance = chosen['guidance_scale']
-    settings = {'checkpoint': info.checkpoint, 'weights': info.weights, 'seed': args.seed,
+    chosen = resolve_sampling(model, sampler, steps, guidance, ddpm=DEMO_DDPM_SAMPLING)
+    settings = {'checkpoint': info.checkpoint, 'weights': info.weights, 'seed': seed,
                 'guidance_scale': float(chosen['guidance_scale']), 'guidance_rescale': 0.0, 'negative_prompt': None,
-                'num_inference_steps': args.steps, 'sampler': args.sampler, 'height': size, 'width': size}
+                'num_inference_steps': chosen['num_inference_steps'], 'sampler': chosen['sampler'],
+                'height': size, 'width': size}
     with torch.inference_mode():
-        entries = generate_to_folder(model, prompts, out, settings, args.batch_size)
+        entries = generate_to_folder(model, prompts, out, settings, batch_size)
     images = []
     for e in entries:
         with Image.open(out / e['file']) as im:
             images.append(im.convert('RGB'))
-    return images
+    return images, chosen
 
 
 def _score(name: str, images: list[Any], real: np.ndarray, labels: Sequence[str], probe: CategoryProbe,
@@ -139,19 +130,20 @@ def _score(name: str, images: list[Any], real: np.ndarray, labels: Sequence[str]
 
 def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
     """Everything ``metrics.json`` holds for one run (see the module docstring)."""
+    from diffusion.checkpoints import checkpoints_by_batch
     from diffusion.evaluation.metrics import InceptionFeatures
     run, out = Path(args.run), Path(args.run) / 'eval'
-    ckpts = checkpoints_of(run / 'checkpoints')
+    ckpts = checkpoints_by_batch(run / 'checkpoints')
     if len(ckpts) < 2:
         raise FileNotFoundError(f'{run}/checkpoints holds {len(ckpts)} checkpoint(s); the demo compares the first '
                                 'and the last (set save_interval below max_duration, keep all checkpoints)')
     extractor = InceptionFeatures()
     # Strided subsets: the splits are in key (code point) order, so the first N rows would be mostly one category.
-    n_eval = _num_samples(args.data, 'eval')
+    n_eval = num_samples(args.data, 'eval')
     held = load_labeled(args.data, 'eval', limit=args.num_reference, size=args.size,
                         stride=max(1, n_eval // (args.num_reference or n_eval)))
     train = load_labeled(args.data, 'train', limit=args.probe_train,
-                         stride=max(1, _num_samples(args.data, 'train') // args.probe_train), size=args.size)
+                         stride=max(1, num_samples(args.data, 'train') // args.probe_train), size=args.size)
     real = cached_features(Path(args.features) / 'eval.npz', held['keys'], lambda: held['images'], extractor)
     train_feats = cached_features(Path(args.features) / 'train.npz', train['keys'], lambda: train['images'],
                                   extractor)
@@ -183,8 +175,17 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
         result['probe_ae_accuracy_real'] = probe_ae.score(real, held['categories']).balanced_accuracy
         log.info('autoencoder reconstructions of the held-out images: %s', result['reconstructed'])
     prompts = held['captions']
+
+    def images_of(ckpt: Path, chosen_prompts: Sequence[str], folder: Path, guidance: Optional[float]) -> list[Any]:
+        images, chosen = generate(ckpt, chosen_prompts, folder, args.sampler, args.steps, guidance, args.seed,
+                                  args.batch_size)
+        args.sampler, args.steps = chosen['sampler'], chosen['num_inference_steps']  # recorded in metrics.json
+        if args.guidance is None and guidance is None:  # the checkpoints' guidance: the model's default
+            args.guidance = chosen['guidance_scale']
+        return images
+
     for tag, (batch, path) in (('first', ckpts[0]), ('last', ckpts[-1])):
-        images = _generate(path, prompts, out / f'ba{batch}', args, args.guidance)
+        images = images_of(path, prompts, out / f'ba{batch}', args.guidance)
         result['checkpoints'][tag] = {'batch': batch, 'images': str(out / f'ba{batch}'),
                                       **_score(f'batch {batch}', images, real, held['categories'], probe,
                                                extractor, args, probe_ae)}
@@ -192,7 +193,7 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
     sweep = []
     pick = list(range(0, len(prompts), max(1, len(prompts) // args.sweep_images)))[:args.sweep_images]
     for g in args.sweep:
-        images = _generate(ckpts[-1][1], [prompts[i] for i in pick], out / f'sweep-g{g:g}', args, g)
+        images = images_of(ckpts[-1][1], [prompts[i] for i in pick], out / f'sweep-g{g:g}', g)
         sweep.append({'guidance_scale': g, **_score(f'guidance {g:g}', images, real,
                                                     [held['categories'][i] for i in pick], probe, extractor, args)})
     result['sweep'] = sweep
@@ -200,7 +201,8 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _num_samples(data: str, split: str) -> int:
+def num_samples(data: str | Path, split: str) -> int:
+    """Rows of one split of an MDS dataset (from its ``index.json``)."""
     return int(sum(s['samples'] for s in json.loads((Path(data) / split / 'index.json').read_text())['shards']))
 
 

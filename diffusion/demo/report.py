@@ -1,7 +1,7 @@
 """The demo's report: labelled sample grids, loss curves, metrics per model, timings, licences.
 
 Inputs are the files the demo's stages leave behind (training ``summary.json``, ``eval/metrics.json`` of
-:mod:`diffusion.evaluation.demo_eval`, generated images with their ``manifest.jsonl``, the catalog's
+:mod:`diffusion.demo.evaluate`, generated images with their ``manifest.jsonl``, the catalog's
 ``report.json`` and ``attribution.csv``); outputs are ``report.md``, its HTML twin ``report.html`` (opens in
 a browser, images beside it), ``metrics.json`` (one object per model) and PNG figures. Also here: the model
 card (``README.md``) of an exported pipeline folder, which states the training data's licences and points to
@@ -260,7 +260,7 @@ def _model_section(name: str, root: Path, evaluation: dict[str, Any], real: dict
 
 def build_report(root: Path, catalog: Path, models: Sequence[str], timings: dict[str, float], variant: str) -> Path:
     """Assemble the demo's report from ``root`` (see the module docstring); returns ``report.md``'s path."""
-    from diffusion.evaluation.probe import load_labeled
+    from diffusion.demo.probe import load_labeled
     (root / 'figures').mkdir(parents=True, exist_ok=True)
     evaluations = {m: json.loads((root / m / 'eval' / 'metrics.json').read_text()) for m in models}
     summaries = {m: json.loads((root / m / 'checkpoints' / 'summary.json').read_text()) for m in models}

@@ -2,7 +2,7 @@
 
 scikit-image (``skimage/data``), scikit-learn (``sklearn/datasets/images``) and matplotlib
 (``mpl-data/sample_data/grace_hopper.jpg``) ship 24 real photographs between them. Their hand-written
-captions, licences and credits live in ``demo_photos.json`` next to this file. The set exists so that
+captions, licences and credits live in ``photos.json`` next to this file. The set exists so that
 a first training run has real images and captions before the CommonCatalog mini set is built.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from diffusion.data.writer import DatasetWriter, columns_for, make_sample
 
 log = logging.getLogger(__name__)
 
-DEMO_JSON = Path(__file__).with_name('demo_photos.json')
+DEMO_JSON = Path(__file__).with_name('photos.json')
 _PACKAGE_DIRS = {  # package -> (importable name, folder of the images inside it)
     'skimage': ('skimage', 'data'),
     'sklearn': ('sklearn', 'datasets/images'),
@@ -38,7 +38,7 @@ def _package_file(package: str, name: str) -> Path:
 
 
 def demo_photo_entries() -> list[dict[str, Any]]:
-    """The entries of ``demo_photos.json`` (name, package, file, split, caption, license, creator)."""
+    """The entries of ``photos.json`` (name, package, file, split, caption, license, creator)."""
     return json.loads(DEMO_JSON.read_text(encoding='utf-8'))['photos']
 
 
