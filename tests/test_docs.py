@@ -57,6 +57,8 @@ def test_the_front_page_stays_a_front_page():
 def _entry(command: list[str]) -> tuple[str, list[str]]:
     """(script, arguments) of a python / composer command line."""
     args = command[1:]
+    if args[:1] == ['-m']:  # python -m package.module: the module stands for the script
+        return f'-m {args[1]}', args[2:]
     while args and args[0].startswith('-'):  # composer's own flags (-n 8)
         args = args[2:]
     return args[0], args[1:]
@@ -82,14 +84,18 @@ def test_every_command_runs_or_dry_runs(capsys):
                 assert main([args[0], *overrides, 'dry_run=true']) == 0, command
                 assert 'WARNING' not in capsys.readouterr().out, command
                 kinds.add('train')
-            else:  # a converter: its own parser accepts the command line as written
+            else:  # a converter or a module's CLI: its own parser accepts the command line as written
                 probe = ('import runpy, sys; sys.argv = sys.argv[1:]; import argparse\n'
                          'def parse(self, args=None, namespace=None):\n'
                          '    ns, rest = self.parse_known_args(args, namespace)\n'
                          '    assert not rest, rest\n'
                          '    raise SystemExit(0)\n'
                          'argparse.ArgumentParser.parse_args = parse\n'
-                         'runpy.run_path(sys.argv[0], run_name="__main__")')
+                         'if sys.argv[0].startswith("-m "):\n'
+                         '    sys.argv[0] = sys.argv[0][3:]\n'
+                         '    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)\n'
+                         'else:\n'
+                         '    runpy.run_path(sys.argv[0], run_name="__main__")')
                 done = subprocess.run([sys.executable, '-c', probe, script, *args], cwd=REPO, capture_output=True,
                                       text=True, timeout=300)
                 assert done.returncode == 0, (command, done.stderr[-2000:])
