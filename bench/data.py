@@ -163,7 +163,8 @@ def bench_loader(args: argparse.Namespace, out: Path) -> dict[str, list[tuple[fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--per-source', type=int, default=100,
                         help='images per source (enough that fixed costs such as starting the pool do not dominate)')
     parser.add_argument('--repeats', type=int, default=3)

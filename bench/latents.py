@@ -27,7 +27,7 @@ import torch
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split('\n\n')[0])
     p.add_argument('--src', default=None, help='pixel MDS dataset (default: demo photos built in a temp dir)')
     p.add_argument('--latents', default=None, help='its precomputed copy (default: computed here from --src)')
     p.add_argument('--vae', default=None, help='diffusers VAE folder (default: a random tiny AutoencoderKL)')

@@ -67,7 +67,7 @@ EDM = {'sigma_data': 0.9, 'p_mean': -0.6, 'p_std': 1.2}  # MicroDiT's constants 
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split('\n\n')[0])
     p.add_argument('--only', choices=sorted(SETUPS), action='append',
                    help=f'run only these setups (default: {", ".join(DEFAULT_SETUPS)})')
     p.add_argument('--steps', type=int, default=4, help='steps per timed block (gives steps-1 intervals)')

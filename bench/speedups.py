@@ -56,7 +56,7 @@ SPEEDUPS = ('precomputed_latents', 'sdpa', 'channels_last', 'compile', 'bf16_aut
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split('\n\n')[0])
     p.add_argument('--batch-size', type=int, default=16)
     p.add_argument('--latent-size', type=int, default=16)
     p.add_argument('--steps', type=int, default=5, help='timed steps per block')

@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split('\n\n')[0])
     p.add_argument('--data', default=None, help='pixel MDS dataset with a train split (default: demo photos)')
     p.add_argument('--split', default='train')
     p.add_argument('--preset', default='mini-s', help='UNet preset')

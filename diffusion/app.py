@@ -321,7 +321,8 @@ def make_server(model: LoadedModel, host: str = '127.0.0.1', port: int = 7860,
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Load the model, print the URL and serve until Ctrl-C; exit status 2 with one line for a wrong path."""
-    parser = argparse.ArgumentParser(prog='python -m diffusion.app', description=__doc__.split('\n\n')[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog='python -m diffusion.app',
+                                     description=__doc__.split('\n\n')[0])
     parser.add_argument('path', help='an exported folder (diffusers or native), a run folder (outputs/RUN), its '
                         'checkpoints/ folder or a checkpoint file')
     parser.add_argument('--port', type=int, default=7860, help='port to listen on (0: any free port; default 7860)')

@@ -54,7 +54,7 @@ YAMLS = {'microdit-unmasked': 'yamls/demo/microdit.yaml', 'microdit-masked': 'ya
 
 
 def parse_args(argv: Any = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--budget', type=float, default=360.0, help='training CPU seconds per arm')
     p.add_argument('--finetune-share', type=float, default=0.2,

@@ -366,7 +366,7 @@ def download_wheels(folder: Path, python_version: str) -> int:
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split('\n\n')[0])
     p.add_argument('--device', choices=['gpu', 'cpu'], default='gpu', help='cpu: 2 fp32 steps per recipe')
     p.add_argument('--steps', type=int, default=None, help='training steps per recipe (gpu 20, cpu 2)')
     p.add_argument('--batch', type=int, default=None, help='global batch (gpu 32, cpu 2)')

@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split('\n\n')[0])
     parser.add_argument('--data', default=str(REPO / 'data/studies/catalog-mixed'),
                         help='MDS dataset of images (train/ + eval/) whose sizes vary (several sources)')
     parser.add_argument('--reference', default=None, help='MDS dataset of FID/KID reference images (default: --data)')

@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split('\n\n')[0])
     parser.add_argument('--data', default=str(REPO / 'data/studies/catalog-latents'),
                         help='MDS dataset (train/ + eval/); with --use-latents it needs latents_<low> and '
                              'latents_<high> columns')

@@ -130,11 +130,13 @@ def test_abbreviations_stop_before_any_work(main, argv, abbreviation, capsys, tm
     assert stop.value.code == 2 and abbreviation in capsys.readouterr().err
 
 
-def test_every_converter_parser_refuses_abbreviations():
-    """Every ``ArgumentParser`` in convert/ and diffusion/export/ is built with ``allow_abbrev=False``."""
+def test_every_parser_refuses_abbreviations():
+    """Every ``ArgumentParser`` of the project (converters, library CLIs, scripts, benches) is built with
+    ``allow_abbrev=False``: ``--eval-fr`` is an error, not ``--eval-fraction``."""
     import ast
     lax = []
-    for path in sorted([*(REPO / 'convert').glob('*.py'), *(REPO / 'diffusion' / 'export').glob('*.py')]):
+    folders = ('convert', 'diffusion', 'scripts', 'bench')
+    for path in sorted([*REPO.glob('*.py'), *(p for f in folders for p in (REPO / f).rglob('*.py'))]):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, 'attr', getattr(node.func, 'id', '')) == \
                     'ArgumentParser':

@@ -229,7 +229,8 @@ def _plot_sweep(rows: Sequence[dict[str, Any]], path: Path) -> Path:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--data', required=True, help='the catalog (MDS with train/eval splits and a category column)')
     p.add_argument('--run', required=True, help='a training run folder holding checkpoints/ (all kept)')
     p.add_argument('--features', required=True, help='cache folder of real images\' Inception features')
