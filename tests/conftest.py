@@ -42,17 +42,22 @@ def _release_streaming_shared_memory():
     """
     import atexit
     import gc
+    import warnings
 
     from streaming.base.shared import SharedMemory
 
-    def blocks() -> set[int]:
-        return {id(o) for o in gc.get_objects() if isinstance(o, SharedMemory)}
+    def blocks() -> list[SharedMemory]:
+        # isinstance reads __class__ of every live object, and some objects warn when read (torch's deprecated
+        # reduce_op: a FutureWarning, an error in modules that turn warnings into errors)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            return [o for o in gc.get_objects() if isinstance(o, SharedMemory)]
 
-    before = blocks()
+    before = {id(o) for o in blocks()}
     yield
     gc.collect()
-    for obj in gc.get_objects():
-        if isinstance(obj, SharedMemory) and id(obj) not in before:
+    for obj in blocks():
+        if id(obj) not in before:
             atexit.unregister(obj.cleanup)
             try:
                 obj.cleanup()
