@@ -166,7 +166,7 @@ def _inception(layer: str = 'mixed_7', image_size: int = 299, **kwargs: Any) -> 
     768 channels on a 17x17 grid at 299 px). Its input range is TF's: pixels / 128 - 1."""
     if kwargs:
         raise ValueError(f'feature encoder inception: unknown option(s) {sorted(kwargs)}')
-    from diffusion.evaluation.metrics import inception_path
+    from diffusion.models.inception import inception_path
     layers = torch.jit.load(str(inception_path()), map_location='cpu').net.layers
     names = [name for name, _ in layers.named_children()]
     if layer not in names or layer == names[-1]:

