@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import io
 import json
 import os
@@ -28,15 +29,23 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
 
-from diffusion.data.cli import load_convert_script
 from diffusion.data.sanitize import render_svg
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_convert_script(name: str) -> ModuleType:
+    """``convert/<name>.py`` as a module (a script of this repository, not part of the library)."""
+    spec = importlib.util.spec_from_file_location(f'convert_{name}', REPO / 'convert' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _cpu() -> float:

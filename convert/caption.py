@@ -23,7 +23,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from diffusion.data.captioning import DEFAULT_GENERATION, DEFAULT_MODEL, Captioner, GenerationSettings, degenerate_reason
-from diffusion.data.cli import add_map_args, resolve_device
+from diffusion.data.convert_args import add_map_args, resolve_device
 
 log = logging.getLogger('caption')
 

@@ -28,7 +28,7 @@ from typing import Any
 from diffusion.data.licenses import LICENSE_SETS, in_license_set, license_family, normalize_license
 from diffusion.data.sanitize import SkipSample, clean_caption, is_weak_caption, sanitize_image
 from diffusion.data.sources import SOURCES, Item, read_svg_metadata
-from diffusion.data.cli import add_writer_args, print_summary, writer_from_args
+from diffusion.data.convert_args import add_writer_args, print_summary, writer_from_args
 from diffusion.data.pool import run_conversion
 from diffusion.data.writer import make_sample
 

@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 
 import pyarrow as pa
 
-from diffusion.data.cli import add_writer_args, print_summary, rank_from_env, writer_from_args
+from diffusion.data.convert_args import add_writer_args, print_summary, rank_from_env, writer_from_args
 from diffusion.data.licenses import in_license_set, license_family, normalize_license
 from diffusion.data.pool import run_conversion
 from diffusion.data.sanitize import SkipSample, clean_caption, sanitize_image

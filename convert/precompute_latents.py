@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from diffusion.data.cli import add_map_args, resolve_device
+from diffusion.data.convert_args import add_map_args, resolve_device
 
 log = logging.getLogger('precompute_latents')
 

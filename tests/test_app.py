@@ -29,6 +29,8 @@ from urllib.parse import urlencode
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.integration  # processes of its own or a whole pipeline: pytest -m "not integration" skips it
+
 REPO = Path(__file__).resolve().parents[1]
 # The tiny UNet downsamples 8x and the tiny autoencoder 4x: sides are multiples of 32; the default is 32 px.
 MODEL = {

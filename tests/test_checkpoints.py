@@ -128,6 +128,7 @@ def test_repair_keeps_a_complete_sharded_checkpoint_and_sets_aside_unfinished_on
     assert (run / 'ep0-ba9.corrupt').is_dir() and not list(run.glob('*.corrupt.corrupt'))
 
 
+@pytest.mark.integration
 def test_composer_sharded_run_autoresumes_past_an_unfinished_save_and_rotates_earlier_folders(tmp_path):
     """A real composer FSDP run (one process on the CPU, ``state_dict_type: sharded``): killed during a later
     save (a folder with a shard and no index, ``latest`` already on it), the same command resumes from the last

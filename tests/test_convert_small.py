@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion.data.cli import load_convert_script
+from convert_scripts import load_convert_script
 
 REPO = Path(__file__).resolve().parents[1]
 images_to_mds = load_convert_script('images_to_mds')

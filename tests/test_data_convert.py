@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 from streaming.base.format import reader_from_json
 
-from diffusion.data.cli import load_convert_script
+from convert_scripts import load_convert_script
 from diffusion.data.licenses import in_license_set, normalize_license
 from diffusion.data.sanitize import SkipSample, clean_caption, is_weak_caption, sanitize_image
 from diffusion.data.writer import CRASH_ENV, DatasetWriter

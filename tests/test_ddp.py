@@ -6,7 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from test_train import tiny_overrides
+
+pytestmark = pytest.mark.integration  # processes of its own or a whole pipeline: pytest -m "not integration" skips it
 
 REPO = Path(__file__).resolve().parents[1]
 

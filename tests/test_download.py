@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from diffusion.data.cli import load_convert_script
+from convert_scripts import load_convert_script
 from diffusion.data.licenses import in_license_set, normalize_license
 
 N_ROWS = 240

@@ -25,6 +25,8 @@ from omegaconf import OmegaConf
 from diffusion.config import load_yaml
 from test_yamls import full_then_tiny, latents, tiny_vae  # noqa: F401 (fixtures: tiny VAE folder, latents)
 
+pytestmark = pytest.mark.integration  # processes of its own or a whole pipeline: pytest -m "not integration" skips it
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = 'commoncanvas/l-c-256.yaml'
 EMA_FROM = 'commoncanvas/s-c-512.yaml'

@@ -5,7 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
+
+pytestmark = pytest.mark.integration  # processes of its own or a whole pipeline: pytest -m "not integration" skips it
 
 REPO = Path(__file__).resolve().parents[1]
 SBATCH = REPO / 'scripts' / 'launch' / 'slurm.sbatch'

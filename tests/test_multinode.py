@@ -49,8 +49,8 @@ def _namespaces_available() -> bool:
     return probe.returncode == 0
 
 
-pytestmark = pytest.mark.skipif(not _namespaces_available(),
-                                reason='needs root and unshare --ipc --mount (a private /dev/shm per node)')
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(not _namespaces_available(),
+                                reason='needs root and unshare --ipc --mount (a private /dev/shm per node)')]
 
 
 def _free_port() -> int:

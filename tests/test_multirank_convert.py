@@ -17,8 +17,12 @@ from PIL import Image
 from streaming import StreamingDataset
 from streaming.base.format import reader_from_json
 
-from diffusion.data.cli import load_convert_script, rank_from_env
+from convert_scripts import load_convert_script
+
+from diffusion.data.convert_args import rank_from_env
 from diffusion.data.mds_rows import RowReader
+
+pytestmark = pytest.mark.integration  # processes of its own or a whole pipeline: pytest -m "not integration" skips it
 
 REPO = Path(__file__).resolve().parents[1]
 images_to_mds = load_convert_script('images_to_mds')

@@ -9,7 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from streaming.base.format import reader_from_json
+
+pytestmark = pytest.mark.integration  # processes of its own or a whole pipeline: pytest -m "not integration" skips it
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_PHOTOS = REPO / 'data' / 'demo_photos'

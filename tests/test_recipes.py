@@ -26,6 +26,8 @@ import torch
 
 from diffusion.config import load_config
 
+pytestmark = pytest.mark.integration  # processes of its own or a whole pipeline: pytest -m "not integration" skips it
+
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location('gpu_check', REPO / 'scripts' / 'gpu_check.py')
 gpu_check = importlib.util.module_from_spec(_spec)

@@ -222,7 +222,7 @@ def test_masked_steps_are_refused():
 
 
 def test_example_recipe_fits(demo_photos, tmp_path):
-    """yamls/microdit/repa-example.yaml: a real short fit with the inception encoder, the term logged, the
+    """yamls/microdit/mini-cpu-repa.yaml: a real short fit with the inception encoder, the term logged, the
     checkpoint without the encoder and loadable for generation by the usual path."""
     from diffusion.checkpoints import load_model
     from diffusion.config import load_config
@@ -233,7 +233,7 @@ def test_example_recipe_fits(demo_photos, tmp_path):
             'callbacks.sample_images.num_inference_steps': '1', 'callbacks.sample_images.prompts': '[a cat]',
             'callbacks.sample_images.folder': str(tmp_path / 'samples'),
             'algorithms.repa.encoder_options.image_size': '96'}
-    cfg = load_config(REPO / 'yamls/microdit/repa-example.yaml', [f'{k}={v}' for k, v in over.items()])
+    cfg = load_config(REPO / 'yamls/microdit/mini-cpu-repa.yaml', [f'{k}={v}' for k, v in over.items()])
     trainer = build_trainer(cfg)
     logger = InMemoryLogger()
     logger.init(trainer.state, trainer.logger)

@@ -36,6 +36,7 @@ def restore_determinism():
     torch.use_deterministic_algorithms(False)
 
 
+@pytest.mark.integration
 def test_sigkill_mid_epoch_then_same_command_gives_identical_weights(demo_photos, tmp_path, monkeypatch,
                                                                      restore_determinism):
     monkeypatch.chdir(REPO)
@@ -53,6 +54,12 @@ def test_sigkill_mid_epoch_then_same_command_gives_identical_weights(demo_photos
         assert proc.wait(timeout=600) == 0, (tmp_path / f'{out.name}.log').read_text()[-3000:]
 
     reference = start(ref)
+    # streaming names each job's shared memory after the first free prefix: two jobs opening their datasets in
+    # the same instant can pick the same one (FileExistsError). The second starts once the first has its Trainer.
+    deadline = time.time() + 300
+    while 'Run name:' not in (tmp_path / 'ref.log').read_text() and reference.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.1)
     # The same run, killed with SIGKILL as soon as its first (mid-epoch) checkpoint exists.
     proc = start(killed)
     deadline = time.time() + 300

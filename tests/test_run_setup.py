@@ -94,6 +94,7 @@ def test_new_run_over_a_run_with_other_settings_stops(demo_photos, tmp_path, mon
             'max_duration=60ba', 'seed=3']), overwrite_asked=False)
 
 
+@pytest.mark.integration
 def test_normal_run_log_is_quiet_and_kept_in_the_run_folder(demo_photos, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ('PYTHONWARNINGS', 'OMP_NUM_THREADS')}
     proc = subprocess.run([sys.executable, 'run.py', *run_args(demo_photos, tmp_path)], cwd=REPO, env=env,

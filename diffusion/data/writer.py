@@ -13,7 +13,7 @@ Usage::
     print(writer.summary())
 
 or, with worker processes and a progress bar, ``run_conversion(fn, items, writer, workers=2)``
-(:mod:`diffusion.data.pool`); the converters' shared command-line options are in :mod:`diffusion.data.cli`.
+(:mod:`diffusion.data.pool`); the converters' shared command-line options are in :mod:`diffusion.data.convert_args`.
 
 Layout of ``out_dir``::
 
@@ -160,7 +160,7 @@ def columns_for(image_format: str) -> dict[str, str]:
 class ConfigChanged(ValueError):
     """A resume asked for with other arguments than the dataset in ``out`` was written with.
 
-    ``changed`` maps each differing argument to (recorded value, new value); :mod:`diffusion.data.cli` turns it
+    ``changed`` maps each differing argument to (recorded value, new value); :mod:`diffusion.data.convert_args` turns it
     into one line naming the options as a user types them.
     """
 

@@ -13,10 +13,8 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any, Mapping
 
 if TYPE_CHECKING:
@@ -69,17 +67,6 @@ def rank_from_env(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
     if not 0 <= r < w:
         raise ValueError(f'rank {r} is not in [0, {w}) (check RANK/WORLD_SIZE or the Slurm array range)')
     return r, w
-
-
-def load_convert_script(name: str) -> ModuleType:
-    """Import ``convert/<name>.py`` of this repository as a module (tests and benches call its ``main``)."""
-    path = Path(__file__).resolve().parents[2] / 'convert' / f'{name}.py'
-    spec = importlib.util.spec_from_file_location(f'convert_{name}', path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f'cannot load {path}')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def add_writer_args(parser: Any) -> None:
