@@ -51,7 +51,9 @@ FULL_RECIPES = (
 # Backbone widths per mode: 'tiny' (CPU tests: the presets that train on a CPU) and 'gpu' (reduced width: a
 # quarter of the parameters of the UNets, MicroDiT's Tiny-2 preset, the autoencoder at half its channels).
 WIDTHS = {
-    'tiny': {'sd2-base': {'preset': 'mini-s'}, 'sdxl-base': {'preset': 'mini-l'},
+    # tiny: sdxl-base is mini-l's SDXL structure at half its widths (its head width of 32 kept)
+    'tiny': {'sd2-base': {'preset': 'mini-s'},
+             'sdxl-base': {'preset': 'mini-l', 'block_out_channels': [32, 64, 96], 'attention_head_dim': [1, 2, 3]},
              'microdit-xl-2': {'preset': 'microdit-mini'}, 'microdit-tiny-2': {'preset': 'microdit-mini'}},
     'gpu': {'sd2-base': {'block_out_channels': [160, 320, 640, 640]},
             'sdxl-base': {'block_out_channels': [160, 320, 640]},

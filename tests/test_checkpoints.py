@@ -129,33 +129,36 @@ def test_repair_keeps_a_complete_sharded_checkpoint_and_sets_aside_unfinished_on
 
 
 @pytest.mark.integration
-def test_composer_sharded_run_autoresumes_past_an_unfinished_save_and_rotates_earlier_folders(tmp_path):
+def test_composer_sharded_run_autoresumes_past_an_unfinished_save_and_rotates_earlier_folders(tmp_path, capsys,
+                                                                                             monkeypatch):
     """A real composer FSDP run (one process on the CPU, ``state_dict_type: sharded``): killed during a later
     save (a folder with a shard and no index, ``latest`` already on it), the same command resumes from the last
     complete folder; the unfinished one is set aside and kept, and the earlier process's folder is rotated out by
     ``save_num_checkpoints_to_keep`` (AdoptEarlierCheckpoints)."""
     from omegaconf import OmegaConf
+
+    from diffusion.training.train import main
+    monkeypatch.chdir(REPO)
     ckpt, recipe = tmp_path / 'ckpt', tmp_path / 'tiny-no-callbacks.yaml'
     raw = OmegaConf.load(REPO / 'yamls/tiny-cpu.yaml')
     del raw['callbacks']  # no sample grid: the run only trains and checkpoints
     OmegaConf.save(raw, recipe)
-    args = [sys.executable, 'run.py', str(recipe), f'variables.data={REPO / "data/demo_photos"}',
+    args = [str(recipe), f'variables.data={REPO / "data/demo_photos"}',
             'variables.run_name=sharded', f'save_folder={ckpt}', 'eval_loader=null',
             'save_interval=2ba', 'eval_first=false', 'autoresume=true', 'save_overwrite=false',
             'save_num_checkpoints_to_keep=1', 'global_train_batch_size=4', 'progress_bar=false',
             'fsdp_config={state_dict_type: sharded, sharding_strategy: FULL_SHARD}']
-    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    first = subprocess.run(args + ['max_duration=4ba'], cwd=REPO, env=env, capture_output=True, text=True)
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert main(args + ['max_duration=4ba']) == 0  # run.py's main, in this process
     assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith('ep')) == ['ep0-ba4']
     unfinished = ckpt / 'ep0-ba6'
     unfinished.mkdir()
     shutil.copy(ckpt / 'ep0-ba4' / '__0_0.distcp', unfinished)
     os.unlink(ckpt / 'latest-rank0.pt')
     os.symlink(unfinished.name, ckpt / 'latest-rank0.pt')
-    again = subprocess.run(args + ['max_duration=8ba'], cwd=REPO, env=env, capture_output=True, text=True)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert 'run sharded: 8 batches' in again.stdout and 'at batch 4:' in again.stdout, again.stdout[-2000:]
+    capsys.readouterr()
+    assert main(args + ['max_duration=8ba']) == 0
+    out = capsys.readouterr().out
+    assert 'run sharded: 8 batches' in out and 'at batch 4:' in out, out[-2000:]
     assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith('ep')) == ['ep0-ba6.corrupt', 'ep1-ba8']
     assert os.readlink(ckpt / 'latest-rank0.pt') == 'ep1-ba8'
 

@@ -90,13 +90,13 @@ def test_every_skipped_file_is_named_with_its_own_reason(tmp_path, capsys):
 
 def test_rerun_with_another_option_is_one_line_naming_it(tmp_path):
     src, out = _folder(tmp_path / 'src', 4), tmp_path / 'out'
-    assert _cli('--src', str(src), '--out', str(out), '--size', '64').returncode == 0
-    result = _cli('--src', str(src), '--out', str(out), '--size', '128')
+    images_to_mds.main(['--src', str(src), '--out', str(out), '--size', '64'])
+    result = _cli('--src', str(src), '--out', str(out), '--size', '128')  # as a user runs it: exit status, stderr
     assert result.returncode != 0
     assert 'Traceback' not in result.stderr and 'overwrite=True' not in result.stderr, result.stderr
     errors = [line for line in result.stderr.splitlines() if 'error' in line]
     assert len(errors) == 1 and '--size 64' in errors[0] and '--size 128' in errors[0] and '--overwrite' in errors[0]
-    assert _cli('--src', str(src), '--out', str(out), '--size', '128', '--overwrite').returncode == 0
+    assert images_to_mds.main(['--src', str(src), '--out', str(out), '--size', '128', '--overwrite'])['kept'] == 4
 
 
 def test_abbreviated_options_are_refused(tmp_path):
