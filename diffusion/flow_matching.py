@@ -30,7 +30,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteSche
 from torch import Tensor
 
 from diffusion.registry import noise_schedules
-from diffusion.schedule_maths import broadcast_per_sample, min_snr_weight, offset_noise
+from diffusion.schedule_maths import broadcast_per_sample, min_snr_weight, offset_noise, positive_shift
 from diffusion.schedules import diffusers_scheduler
 
 __all__ = ['FlowMatchingSchedule', 'rf_interpolate', 'rf_velocity', 'x0_from_velocity', 'logit_normal_times',
@@ -161,9 +161,7 @@ class FlowMatchingSchedule:
 
     def set_resolution_shift(self, shift: float) -> None:
         """The time shift becomes ``base shift * shift`` (training times and sampling times alike)."""
-        if shift <= 0:
-            raise ValueError(f'resolution shift must be positive, got {shift}')
-        self.resolution_shift = float(shift)
+        self.resolution_shift = positive_shift(shift)
         self.shift = self.base_shift * self.resolution_shift
 
     def noise_level(self, t_in: Tensor) -> Tensor:

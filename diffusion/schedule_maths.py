@@ -86,6 +86,13 @@ def shift_alphas_cumprod(alphas_cumprod: Tensor, shift: float) -> Tensor:
 # =============================================================================================
 
 
+def positive_shift(shift: float) -> float:
+    """A resolution shift as a float; it must be positive (``resolution / base_resolution`` of a transfer)."""
+    if shift <= 0:
+        raise ValueError(f'resolution shift must be positive, got {shift}')
+    return float(shift)
+
+
 def broadcast_per_sample(values: Tensor, like: Tensor) -> Tensor:
     """Reshape a per-sample ``(n,)`` tensor to broadcast over ``like`` (n, C, H, W)."""
     return values.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))

@@ -28,7 +28,7 @@ from diffusion.samplers import EDMHeunScheduler
 from diffusion.schedule_maths import (PREDICTION_TYPES, add_noise, alphas_cumprod_from_betas,
                                       betas_from_alphas_cumprod, broadcast_per_sample, cosine_alphas_cumprod,
                                       ddpm_noise_level, edm_loss_weight, edm_noise_level, edm_precondition, eps_from_v,
-                                      linear_betas, lognormal_sigmas, min_snr_weight, offset_noise,
+                                      linear_betas, lognormal_sigmas, min_snr_weight, offset_noise, positive_shift,
                                       rescale_zero_terminal_snr, scaled_linear_betas, shift_alphas_cumprod, snr,
                                       v_target, x0_from_v)
 
@@ -241,9 +241,7 @@ class EDMSchedule:
 
     def set_resolution_shift(self, shift: float) -> None:
         """Training ``P_mean = base P_mean + ln(shift)`` (resolution transfer)."""
-        if shift <= 0:
-            raise ValueError(f'resolution shift must be positive, got {shift}')
-        self.resolution_shift = float(shift)
+        self.resolution_shift = positive_shift(shift)
         self.p_mean = self.base_p_mean + math.log(shift)
 
     def noise_level(self, t_in: Tensor) -> Tensor:

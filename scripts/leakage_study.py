@@ -33,7 +33,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from diffusion.demo.studies import Reference, sample, train, train_config
+from diffusion.demo.studies import Reference, parse_study_args, sample, train, train_config
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger('leakage_study')
@@ -139,20 +139,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--resolution', type=int, default=64)
     parser.add_argument('--steps', type=int, default=600, help='training batches per model')
     parser.add_argument('--batch-size', type=int, default=16)
-    parser.add_argument('--num-eval', type=int, default=None,
-                        help='held-out images for FID/KID (default: all; 0: no FID/KID)')
-    parser.add_argument('--eval-batches', type=int, default=8, help='validation-loss batches of 32 (fixed subset)')
     parser.add_argument('--num-prompts', type=int, default=16, help='prompts of the leakage measurement')
-    parser.add_argument('--sample-steps', type=int, default=20)
-    parser.add_argument('--guidance', type=float, default=3.0)
-    parser.add_argument('--autoencoder', default=None, help='diffusers AutoencoderKL folder (default: tiny random)')
-    parser.add_argument('--inception', default=None, help='TorchScript Inception (default: the packaged one)')
-    parser.add_argument('--threads', type=int, default=1, help='torch intra-op threads')
-    return parser.parse_args(argv)
+    return parse_study_args(parser, argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
     args = parse_args(argv)
     result = run(args)
     variants = list(next(iter(result['rows'].values()))['by_variant'])

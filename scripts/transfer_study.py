@@ -31,7 +31,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from diffusion.demo.studies import Reference, sample, train, train_config
+from diffusion.demo.studies import Reference, parse_study_args, sample, train, train_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,19 +101,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--arms', nargs='+', default=['transfer', 'scratch', 'transfer, no shift'],
                         choices=['transfer', 'transfer, no shift', 'scratch'])
     parser.add_argument('--conditioning', default='none', help='UNet conditioning form of all runs')
-    parser.add_argument('--num-eval', type=int, default=None,
-                        help='held-out images for FID/KID (default: all; 0: no FID/KID)')
-    parser.add_argument('--eval-batches', type=int, default=8, help='validation-loss batches of 32 (fixed subset)')
-    parser.add_argument('--sample-steps', type=int, default=20)
-    parser.add_argument('--guidance', type=float, default=3.0)
-    parser.add_argument('--autoencoder', default=None, help='diffusers AutoencoderKL folder (default: tiny random)')
-    parser.add_argument('--inception', default=None)
-    parser.add_argument('--threads', type=int, default=1, help='torch intra-op threads')
-    return parser.parse_args(argv)
+    return parse_study_args(parser, argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
     args = parse_args(argv)
     result = run(args)
     print(f'\nbatch {result["batch_size"]}; FID/KID on {result["num_eval"]} held-out images at {result["high"]} px; '

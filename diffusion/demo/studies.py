@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
 
-__all__ = ['TINY_CPU_YAML', 'train_config', 'train', 'Reference', 'reference_set', 'sample']
+__all__ = ['TINY_CPU_YAML', 'train_config', 'train', 'Reference', 'reference_set', 'sample', 'parse_study_args']
 
 TINY_CPU_YAML = Path(__file__).resolve().parents[2] / 'yamls' / 'tiny-cpu.yaml'
 
@@ -124,3 +124,19 @@ def sample(model: Any, prompts: Sequence[str], seeds: Sequence[int], resolution:
                                   num_inference_steps=steps, guidance_scale=guidance, seed=seeds[i:i + batch],
                                   micro_conditioning=micro, output_type='pil')
     return out
+
+
+def parse_study_args(parser: Any, argv: Optional[Sequence[str]] = None) -> Any:
+    """``argv`` parsed with the options every study takes added to ``parser`` (the evaluation's size, sampling,
+    the autoencoder, the Inception file, threads), and the study's log set up."""
+    parser.add_argument('--num-eval', type=int, default=None,
+                        help='held-out images for FID/KID (default: all; 0: no FID/KID)')
+    parser.add_argument('--eval-batches', type=int, default=8, help='validation-loss batches of 32 (fixed subset)')
+    parser.add_argument('--sample-steps', type=int, default=20)
+    parser.add_argument('--guidance', type=float, default=3.0)
+    parser.add_argument('--autoencoder', default=None, help='diffusers AutoencoderKL folder (default: tiny random)')
+    parser.add_argument('--inception', default=None, help='TorchScript Inception (default: the packaged one)')
+    parser.add_argument('--threads', type=int, default=1, help='torch intra-op threads')
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
+    return args
