@@ -7,6 +7,7 @@ UV_VERSION := 0.9.5
 STAMP := $(VENV)/.installed
 DEMO_PHOTOS := data/demo_photos/eval/index.json
 CATALOG_CACHE := data/cache/.catalog-packages
+TEST_WORKERS ?= 2
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: install test demo lock clean gpu-check
@@ -46,7 +47,9 @@ $(CATALOG_CACHE): $(STAMP)
 lock: install
 	$(UV) pip compile -q --python-version 3.11 requirements/requirements.in -o requirements/lock.txt
 
-# One pytest process (tests/conftest.py releases each test module's streaming shared memory when the module ends).
+# One pytest run over TEST_WORKERS pytest-xdist workers (one torch thread each, whole files per worker, so a file's
+# module fixtures are built once); tests/conftest.py releases each module's streaming shared memory when it ends.
+# TEST_WORKERS=0 runs every test in this one process.
 # tests/test_app.py drives a headless Chromium: installed here with apt-get (Debian's chromium) when it is missing.
 test: install $(CATALOG_CACHE)
 	@command -v chromium >/dev/null || ! command -v apt-get >/dev/null || { \
@@ -54,7 +57,7 @@ test: install $(CATALOG_CACHE)
 		{ $(SUDO) apt-get update -qq && \
 		  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; } || \
 		echo "make test: Chromium could not be installed: tests/test_app.py's browser test will fail"; }
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 demo: install
 	$(PYTHON) scripts/demo.py $(DEMO_ARGS)

@@ -1,5 +1,6 @@
-"""Deferred masking: training speed and FLOPs of MicroDiT at mask ratios 0 / 0.5 / 0.75, with and without the
-patch-mixer, in one run; optionally beside the public code's own MicroDiT_Tiny_2.
+"""Token dropping: training speed and FLOPs of MicroDiT with deferred masking at ratios 0 / 0.5 / 0.75 (with and
+without the patch-mixer) and with TREAD token routing at 0.5 / 0.75, in one run; optionally beside the public
+code's own MicroDiT_Tiny_2.
 
     python bench/masking.py                                  # mini @16x16 b8, tiny-2 @32x32 b2 and @16x16 b4
     python bench/masking.py --repeats 2 --steps 3            # a quick check
@@ -28,6 +29,11 @@ lock) a stand-in ``PatchEmbed`` (the same stride-``p`` convolution, flattened) a
 allocates anew (gradients, which composer sets to None every step, and activations) page-fault on fresh pages, a
 cost that depends on the allocator's history and hits the two implementations differently.
 
+TREAD rows (``method`` tread, with the mixer, mask 0): a share ``ratio`` of the tokens skips backbone blocks
+``1 .. depth - 2`` (all but the first and the last; :func:`tread_range`) and rejoins before the last block. Every
+token still reaches the loss, so the step saves less than masking at the same ratio: the first and last blocks,
+the patch-mixer and the output layer see every token. Masking and routing are timed in the same interleaved loop.
+
 FLOPs per image are counted with ``torch.utils.flop_counter.FlopCounterMode`` over forward + backward of one step.
 ``speedup_r = time(0) / time(r)`` and ``flop_ratio_r = flops(0) / flops(r)``; ``of_flops`` is their quotient, the
 share of the architecture's limit that the wall clock reaches. For reference, the figures quoted for the public code
@@ -35,8 +41,8 @@ on these CPUs (fp32, 2 threads, 384-d text states, one training step) go from 2,
 latents, batch 2 (2.18x), and from 1,245 to 740 ms at 16x16, batch 4 (1.68x); ``--public-code`` measures it here.
 
 Prints a table and, last, one JSON line (``speedup_075`` and ``flop_ratio_075`` are tiny-2 at 32x32 with the mixer;
-``speedup_075_16`` tiny-2 at 16x16, ``speedup_075_b8`` at 32x32, batch 8; ``public_speedup_075*`` when
-measured). Batch 8 shows what the per-step costs that do not shrink with the mask (the optimizer update of every
+``speedup_075_16`` tiny-2 at 16x16, ``speedup_075_b8`` at 32x32, batch 8; ``tread_speedup_075*`` and
+``tread_flop_ratio_075*`` the same for TREAD at 0.75; ``public_speedup_075*`` when measured). Batch 8 shows what the per-step costs that do not shrink with the mask (the optimizer update of every
 parameter, freeing and re-allocating the gradients) take from the speed-up at batch 2: they are a quarter as large
 a share of the step.
 """
@@ -59,6 +65,9 @@ import torch.nn.functional as F
 from torch import nn
 
 RATIOS = (0.0, 0.5, 0.75)
+# (method, ratio) conditions: ('mask', 0.0) is the plain model, the baseline of every speed-up
+MASKING = tuple(('mask', r) for r in RATIOS)
+ROUTING = (('tread', 0.5), ('tread', 0.75))
 # name: (preset, latent side, batch)
 SETUPS = {'mini': ('microdit-mini', 16, 8), 'tiny-2': ('microdit-tiny-2', 32, 2),
           'tiny-2-16': ('microdit-tiny-2', 16, 4), 'tiny-2-b8': ('microdit-tiny-2', 32, 8)}
@@ -107,36 +116,46 @@ def use_glibc_heap() -> None:
 # =============================================================================================
 # The two models and their training steps
 # =============================================================================================
+Condition = tuple[str, float]  # (method, ratio): ('mask', 0.75), ('tread', 0.5)
+
+
 class Arm:
-    """One model and its optimizer; ``step(ratio)`` trains one step at a mask ratio and returns the CPU seconds
-    of its forward + backward (the part the FLOP counter sees); ``flops(ratio)`` counts them per image."""
+    """One model and its optimizer; ``step(cond)`` trains one step under a (method, ratio) condition and returns
+    the CPU seconds of its forward + backward (the part the FLOP counter sees); ``flops(cond)`` counts them per
+    image. ``conditions`` are the ones this model can run."""
 
     def __init__(self, model: nn.Module, optimizer: str, batch: dict[str, torch.Tensor],
-                 loss: Callable[[float], torch.Tensor]) -> None:
-        self.model, self.batch, self.loss = model.train(), batch, loss
+                 loss: Callable[[Condition], torch.Tensor], conditions: tuple[Condition, ...] = MASKING) -> None:
+        self.model, self.batch, self.loss, self.conditions = model.train(), batch, loss, conditions
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=optimizer == 'fused')
 
-    def step(self, ratio: float) -> float:
+    def step(self, cond: Condition) -> float:
         self.opt.zero_grad(set_to_none=True)
         start = time.process_time()
-        self.loss(ratio).backward()
+        self.loss(cond).backward()
         forward_backward = time.process_time() - start
         self.opt.step()
         return forward_backward
 
-    def flops(self, ratio: float) -> float:
+    def flops(self, cond: Condition) -> float:
         from torch.nn.attention import SDPBackend, sdpa_kernel
         from torch.utils.flop_counter import FlopCounterMode
         counter = FlopCounterMode(display=False)
         with sdpa_kernel(SDPBackend.MATH), counter:  # the fused CPU attention kernels have no FLOP formula (0)
-            self.loss(ratio).backward()
+            self.loss(cond).backward()
         self.model.zero_grad(set_to_none=True)
         return counter.get_total_flops() / self.batch['latents'].shape[0]
 
 
+def tread_range(depth: int) -> tuple[int, int]:
+    """The blocks TREAD routes around here: all but the first and the last (``start, end``, end excluded)."""
+    return 1, depth - 1
+
+
 def build(preset: str, side: int, mixer: bool, text_dim: int, optimizer: str, batch: dict[str, torch.Tensor]
           ) -> Arm:
-    """Ours: ``LatentDiffusion`` with a MicroDiT backbone and MicroDiT's EDM constants.
+    """Ours: ``LatentDiffusion`` with a MicroDiT backbone and MicroDiT's EDM constants; with the mixer it also runs
+    the TREAD conditions (mask 0, routing over :func:`tread_range`).
 
     The optimizer step costs the same at every mask ratio (it touches every parameter: 200M for tiny-2, of which
     107M in the experts) and the FLOP counter does not see it: with AdamW's per-tensor loop it was ~0.6-0.75 CPU s
@@ -144,15 +163,19 @@ def build(preset: str, side: int, mixer: bool, text_dim: int, optimizer: str, ba
     """
     from diffusion.models.latent_diffusion import LatentDiffusion
     from diffusion.models.microdit import build_microdit
+    from diffusion.models.token_routing import TreadConfig
     from diffusion.schedules import EDMSchedule
     torch.manual_seed(0)
     backbone = build_microdit(preset, sample_size=side, cross_attention_dim=text_dim, use_patch_mixer=mixer)
     model = LatentDiffusion(backbone, EDMSchedule(**EDM), scaling_factor=1.0)
+    start, end = tread_range(len(backbone.blocks))
 
-    def loss(ratio: float) -> torch.Tensor:
-        model.backbone.mask_ratio = ratio
+    def loss(cond: Condition) -> torch.Tensor:
+        method, ratio = cond
+        model.backbone.mask_ratio = ratio if method == 'mask' else 0.0
+        model.backbone.tread = TreadConfig(ratio, start, end) if method == 'tread' else None
         return model.loss(model(batch), batch)
-    return Arm(model, optimizer, batch, loss)
+    return Arm(model, optimizer, batch, loss, MASKING + ROUTING if mixer else MASKING)
 
 
 @contextlib.contextmanager
@@ -204,7 +227,8 @@ def build_public(code: Path, side: int, text_dim: int, optimizer: str, batch: di
     from diffusion.schedules import edm_loss_weight, edm_precondition, lognormal_sigmas
     x, y = batch['latents'], batch['text_hidden'].unsqueeze(1)  # the public code's captions are (N, 1, L, D)
 
-    def loss(ratio: float) -> torch.Tensor:
+    def loss(cond: Condition) -> torch.Tensor:
+        ratio = cond[1]  # masking only
         sigma = lognormal_sigmas(x.shape[0], EDM['p_mean'], EDM['p_std'])  # (N,)
         c_skip, c_out, c_in, c_noise = (c.view(-1, 1, 1, 1) for c in edm_precondition(sigma, EDM['sigma_data']))
         noised = x + torch.randn_like(x) * sigma.view(-1, 1, 1, 1)
@@ -222,21 +246,22 @@ def build_public(code: Path, side: int, text_dim: int, optimizer: str, batch: di
 # =============================================================================================
 # Timing
 # =============================================================================================
-def time_arms(arms: dict[str, Arm], args: argparse.Namespace) -> dict[tuple[str, float], tuple[float, ...]]:
-    """Median (wall, CPU, forward+backward CPU) seconds per step of every (arm, mask ratio), timed in interleaved
+def time_arms(arms: dict[str, Arm], args: argparse.Namespace
+              ) -> dict[tuple[str, Condition], tuple[float, ...]]:
+    """Median (wall, CPU, forward+backward CPU) seconds per step of every (arm, condition), timed in interleaved
     blocks (order reversed every repeat)."""
-    keys = [(name, ratio) for name in arms for ratio in RATIOS]
-    for name, ratio in keys:
+    keys = [(name, cond) for name in arms for cond in arms[name].conditions]
+    for name, cond in keys:
         for _ in range(args.warmup):
-            arms[name].step(ratio)
-    samples: dict[tuple[str, float], list[tuple[float, float, float]]] = {k: [] for k in keys}
+            arms[name].step(cond)
+    samples: dict[tuple[str, Condition], list[tuple[float, float, float]]] = {k: [] for k in keys}
     for rep in range(args.repeats):
-        for name, ratio in (keys if rep % 2 == 0 else keys[::-1]):
+        for name, cond in (keys if rep % 2 == 0 else keys[::-1]):
             stamps = []
             for _ in range(args.steps):
-                fb = arms[name].step(ratio)
+                fb = arms[name].step(cond)
                 stamps.append((time.perf_counter(), time.process_time(), fb))
-            samples[name, ratio] += [(b[0] - a[0], b[1] - a[1], b[2]) for a, b in zip(stamps, stamps[1:])]
+            samples[name, cond] += [(b[0] - a[0], b[1] - a[1], b[2]) for a, b in zip(stamps, stamps[1:])]
     return {k: tuple(statistics.median(x[i] for x in s) for i in range(3)) for k, s in samples.items()}
 
 
@@ -255,17 +280,18 @@ def measure(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for group in groups:
         arms = {model: make() for model, make in group.items()}
-        flops = {(model, r): arm.flops(r) for model, arm in arms.items() for r in RATIOS}
+        flops = {(model, c): arm.flops(c) for model, arm in arms.items() for c in arm.conditions}
         times = time_arms(arms, args)
-        for model in arms:
-            wall0, cpu0, fb0 = times[model, 0.0]
-            for ratio in RATIOS:
-                wall, cpu, fb = times[model, ratio]
-                speedup, flop_ratio = wall0 / wall, flops[model, 0.0] / flops[model, ratio]
+        for model, arm in arms.items():
+            base = ('mask', 0.0)
+            wall0, cpu0, fb0 = times[model, base]
+            for cond in arm.conditions:
+                wall, cpu, fb = times[model, cond]
+                speedup, flop_ratio = wall0 / wall, flops[model, base] / flops[model, cond]
                 rows.append({'name': name, 'setup': f'{preset.split("microdit-")[1]} @{side}x{side} b{batch_size}',
-                             'model': model, 'mask': ratio, 'ms_step': 1e3 * wall, 'cpu_ms_step': 1e3 * cpu,
-                             'fb_cpu_ms': 1e3 * fb, 'img_s': batch_size / wall,
-                             'gflop_img': flops[model, ratio] / 1e9, 'speedup': speedup,
+                             'model': model, 'method': cond[0], 'ratio': cond[1], 'ms_step': 1e3 * wall,
+                             'cpu_ms_step': 1e3 * cpu, 'fb_cpu_ms': 1e3 * fb, 'img_s': batch_size / wall,
+                             'gflop_img': flops[model, cond] / 1e9, 'speedup': speedup,
                              'cpu_speedup': cpu0 / cpu, 'fb_cpu_speedup': fb0 / fb, 'flop_ratio': flop_ratio,
                              'of_flops': speedup / flop_ratio, 'cpu_of_flops': cpu0 / cpu / flop_ratio})
         del arms
@@ -279,13 +305,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     rows = [row for name in (args.only or DEFAULT_SETUPS) for row in measure(name, args)]
-    head = (f'{"setup":<18} {"model":>10} {"mask":>5} {"ms/step":>9} {"cpu ms":>9} {"f+b cpu":>8} {"img/s":>7} '
+    head = (f'{"setup":<18} {"model":>10} {"method":>6} {"ratio":>5} {"ms/step":>9} {"cpu ms":>9} {"f+b cpu":>8} {"img/s":>7} '
             f'{"GFLOP/img":>10} {"speedup":>8} {"cpu spd":>8} {"f+b spd":>8} {"FLOP x":>7} {"of FLOPs":>8} '
             f'{"cpu of F":>8}')
     print(head)
     print('-' * len(head))
     for r in rows:
-        print(f'{r["setup"]:<18} {r["model"]:>10} {r["mask"]:>5.2f} {r["ms_step"]:>9.1f} {r["cpu_ms_step"]:>9.1f} '
+        print(f'{r["setup"]:<18} {r["model"]:>10} {r["method"]:>6} {r["ratio"]:>5.2f} {r["ms_step"]:>9.1f} {r["cpu_ms_step"]:>9.1f} '
               f'{r["fb_cpu_ms"]:>8.1f} {r["img_s"]:>7.2f} {r["gflop_img"]:>10.3f} {r["speedup"]:>8.2f} '
               f'{r["cpu_speedup"]:>8.2f} {r["fb_cpu_speedup"]:>8.2f} {r["flop_ratio"]:>7.2f} {r["of_flops"]:>8.2f} '
               f'{r["cpu_of_flops"]:>8.2f}')
@@ -293,12 +319,14 @@ def main() -> None:
                                'optimizer': args.optimizer, 'glibc_heap': args.glibc_heap}
     for r in rows:
         model = {'ours': 'mixer', 'ours-naive': 'naive'}.get(r['model'], r['model'])
-        key = f'{r["name"]}_{model}_{int(r["mask"] * 100):03d}'
+        model = 'tread' if r['method'] == 'tread' else model
+        key = f'{r["name"]}_{model}_{int(r["ratio"] * 100):03d}'
         figures[key] = {k: round(r[k], 4) for k in ('ms_step', 'cpu_ms_step', 'fb_cpu_ms', 'img_s', 'gflop_img',
                                                     'speedup', 'cpu_speedup', 'fb_cpu_speedup', 'flop_ratio')}
-    for model, prefix in (('ours', ''), ('public', 'public_')):
-        for name, suffix in (('tiny-2', ''), ('tiny-2-16', '_16'), ('tiny-2-b8', '_b8')):
-            at = [r for r in rows if r['name'] == name and r['model'] == model and r['mask'] == 0.75]
+    for model, method, prefix in (('ours', 'mask', ''), ('ours', 'tread', 'tread_'), ('public', 'mask', 'public_')):
+        for name, suffix in (('tiny-2', ''), ('tiny-2-16', '_16'), ('tiny-2-b8', '_b8'), ('mini', '_mini')):
+            at = [r for r in rows if r['name'] == name and r['model'] == model and r['method'] == method
+                  and r['ratio'] == 0.75]
             if at:
                 figures.update({f'{prefix}{k}_075{suffix}': round(at[0][k], 4)
                                 for k in ('speedup', 'flop_ratio', 'of_flops', 'cpu_speedup', 'cpu_of_flops')})

@@ -4,6 +4,8 @@ import os
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+if os.environ.get('PYTEST_XDIST_WORKER'):  # `make test` runs two workers on two cores: one thread each, and
+    os.environ.setdefault('OMP_NUM_THREADS', '1')  # for the processes the tests start
 
 from pathlib import Path  # noqa: E402
 
@@ -22,6 +24,14 @@ def demo_photos(tmp_path_factory) -> Path:
     """The small MDS set of real photos (train + eval splits) the tiny configs train on."""
     from diffusion.demo.photos import build_demo_photos
     return Path(build_demo_photos(tmp_path_factory.mktemp('demo_photos')))
+
+
+@pytest.fixture(scope='session', autouse=True)
+def _one_thread_per_worker():
+    """Under pytest-xdist each worker trains with one torch thread (the workers share the machine's cores)."""
+    if os.environ.get('PYTEST_XDIST_WORKER'):
+        import torch
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope='session', autouse=True)

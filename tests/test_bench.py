@@ -30,6 +30,11 @@ def test_masking_counts_fewer_flops_the_more_it_masks(repo, capsys, monkeypatch)
         assert all(figures[f'mini_{model}_{r:03d}']['ms_step'] > 0 for r in (0, 50, 75))
     # the patch-mixer sees every token: it costs FLOPs that naive masking does not spend
     assert figures['mini_mixer_075']['gflop_img'] > figures['mini_naive_075']['gflop_img']
+    # TREAD: routing more tokens saves more, but every token still runs the first and last blocks and the mixer,
+    # so it saves less than masking the same share
+    routed = [figures['mini_mixer_000']['gflop_img']] + [figures[f'mini_tread_{r:03d}']['gflop_img'] for r in (50, 75)]
+    assert routed[0] > routed[1] > routed[2] > figures['mini_mixer_075']['gflop_img'], routed
+    assert figures['tread_flop_ratio_075_mini'] == pytest.approx(routed[0] / routed[2], rel=1e-3)
 
 
 def test_masking_rejects_a_single_step(repo, capsys, monkeypatch):

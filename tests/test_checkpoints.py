@@ -286,13 +286,15 @@ def test_run_history_memory_is_bounded_and_keeps_first_and_last(tiny_run):
     for key, points in history.data.items():
         assert len(points) <= history.max_points + 1, key
     points = _history(types.SimpleNamespace(logger=logger))['loss/train/total']
-    assert points[0] == [0, 1.0] and points[-1] == [19_999, pytest.approx(1 / 20_000)]
+    assert points[0] == [1, 1.0] and points[-1] == [20_000, pytest.approx(1 / 20_000)]  # batch numbers from 1
     gaps = {b - a for (a, _), (b, _) in zip(points[:-2], points[1:-1])}
     assert len(gaps) == 1, f'kept points are not evenly spaced: {sorted(gaps)}'
 
-    # A real run's summary.json still has the first and last train loss.
+    # A real run's summary.json still has the first and last train loss, at the batch numbers the console prints
+    # (1 and 2 of a 2-batch run), and its last eval metric at the batch it followed.
     summary = summarize(tiny_run[0], 1.0)
-    assert summary['first']['loss/train/total'][0] == 0 and summary['last']['loss/train/total'][0] == 1
+    assert summary['first']['loss/train/total'][0] == 1 and summary['last']['loss/train/total'][0] == 2
+    assert summary['batches'] == 2
 
 
 if __name__ == '__main__':

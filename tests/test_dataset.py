@@ -116,6 +116,42 @@ def test_mid_epoch_resume_is_sample_exact(demo_photos):
     _free(resumed_spec)
 
 
+def test_a_dataset_waits_for_another_process_claiming_a_shared_memory_prefix(demo_photos, monkeypatch):
+    """Building a dataset takes the machine-wide prefix lock (two processes claiming a streaming prefix at once
+    collide): while another process holds it, the build waits; a non-leader rank (LOCAL_RANK 1) does not."""
+    import subprocess
+    import sys
+    import time
+
+    from diffusion.data.dataset import PREFIX_LOCK
+    holder = subprocess.Popen([sys.executable, '-c', (
+        'import fcntl, sys, time\n'
+        f'h = open({str(PREFIX_LOCK)!r}, "a"); fcntl.flock(h, fcntl.LOCK_EX); print("held", flush=True)\n'
+        'time.sleep(2.0)')], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'held'
+        start = time.perf_counter()
+        ds = StreamingImageCaptionDataset(local=str(demo_photos), split='train', resolution=32, batch_size=1)
+        waited = time.perf_counter() - start
+    finally:
+        holder.wait()
+    assert waited > 1.0, waited
+    _free(ds)
+    holder = subprocess.Popen([sys.executable, '-c', (
+        'import fcntl, time\n'
+        f'h = open({str(PREFIX_LOCK)!r}, "a"); fcntl.flock(h, fcntl.LOCK_EX); print("held", flush=True)\n'
+        'time.sleep(3.0)')], stdout=subprocess.PIPE, text=True)
+    monkeypatch.setenv('LOCAL_RANK', '1')
+    try:
+        assert holder.stdout.readline().strip() == 'held'
+        start = time.perf_counter()
+        ds = StreamingImageCaptionDataset(local=str(demo_photos), split='train', resolution=32, batch_size=1)
+        assert time.perf_counter() - start < 1.5
+    finally:
+        holder.wait()
+    _free(ds)
+
+
 @pytest.fixture(scope='module')
 def latent_set(tmp_path_factory) -> Path:
     """A dataset with the columns convert/precompute_latents.py adds (random values of the right shapes)."""

@@ -113,6 +113,8 @@ def _download(url_list: Path, out: Path) -> None:
 def test_yfcc_img2dataset_to_streaming(flickr, tmp_path, monkeypatch):
     from streaming import StreamingDataset
 
+    from diffusion.data.dataset import shm_prefix_lock
+
     monkeypatch.setenv('NO_ALBUMENTATIONS_UPDATE', '1')  # albumentations' import would ask PyPI
     for name in ('no_proxy', 'NO_PROXY'):
         monkeypatch.setenv(name, '127.0.0.1,localhost')
@@ -141,7 +143,8 @@ def test_yfcc_img2dataset_to_streaming(flickr, tmp_path, monkeypatch):
                                            'img2dataset_failed_to_resize': n_broken}
     assert report['kept'] == len(stored_expected)
 
-    dataset = StreamingDataset(local=str(out), split='train', shuffle=False, batch_size=1)
+    with shm_prefix_lock():
+        dataset = StreamingDataset(local=str(out), split='train', shuffle=False, batch_size=1)
     rows = [dataset[i] for i in range(len(dataset))]
     assert {r['key'] for r in rows} == stored_expected  # failures: counted, none stored
     for row in rows:

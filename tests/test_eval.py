@@ -134,6 +134,25 @@ def test_fid_kid_of_given_features_through_torchmetrics_public_metrics():
     assert torch.equal(torch.cat(kid.metric_state['real_features']), real)
 
 
+def test_sample_space_fid_equals_torchmetrics_and_its_bootstrap_interval_covers_it():
+    """``frechet_distance`` (nuclear norm of an N x M matrix) gives ``fid_kid``'s torchmetrics FID, also when the
+    feature width exceeds the sample count (Inception's 2,048 vs 529 held-out images); the bootstrap interval holds
+    the full-set figure, is reproducible by seed, and is wider for fewer images."""
+    from diffusion.evaluation.metrics import fid_bootstrap, fid_kid, frechet_distance
+    g = torch.Generator().manual_seed(1)
+    for n, m, d in ((200, 150, 16), (60, 60, 100)):
+        real = torch.randn(n, d, generator=g, dtype=torch.float64)
+        fake = 0.8 * torch.randn(m, d, generator=g, dtype=torch.float64) + 0.3
+        assert frechet_distance(real.numpy(), fake.numpy()) == pytest.approx(fid_kid(real, fake)['fid'], rel=1e-6)
+    real = torch.randn(400, 16, generator=g, dtype=torch.float64).numpy()
+    fake = 0.9 * torch.randn(400, 16, generator=g, dtype=torch.float64).numpy() + 0.2
+    boot = fid_bootstrap(real, fake, resamples=100, seed=5)
+    assert boot['fid_low'] < boot['fid'] < boot['fid_high'] and boot['fid_boot_bias'] > 0, boot
+    assert fid_bootstrap(real, fake, resamples=100, seed=5) == boot
+    small = fid_bootstrap(real[:100], fake[:100], resamples=100, seed=5)
+    assert small['fid_high'] - small['fid_low'] > boot['fid_high'] - boot['fid_low']
+
+
 def test_eval_of_a_run_folder_uses_its_own_images_and_says_the_set_is_tiny(tmp_path_factory, demo_photos, tmp_path,
                                                                             capsys):
     from diffusion.evaluation.evaluate import main

@@ -20,6 +20,7 @@ from streaming.base.format import reader_from_json
 from convert_scripts import load_convert_script
 
 from diffusion.data.convert_args import rank_from_env
+from diffusion.data.dataset import shm_prefix_lock
 from diffusion.data.mds_rows import RowReader
 
 pytestmark = pytest.mark.integration  # processes of its own or a whole pipeline: pytest -m "not integration" skips it
@@ -65,7 +66,8 @@ def _rows(out: Path) -> set[tuple]:
     rows = set()
     for split in ('train', 'eval'):
         if (out / split / 'index.json').exists():
-            dataset = StreamingDataset(local=str(out), split=split, shuffle=False, batch_size=1)
+            with shm_prefix_lock():
+                dataset = StreamingDataset(local=str(out), split=split, shuffle=False, batch_size=1)
             rows |= {(split, r['key'], r['sha256'], r['license'], r['license_url'], r['creator'], r['caption'])
                      for r in (dataset[i] for i in range(len(dataset)))}
     return rows

@@ -58,6 +58,7 @@ from torch import Tensor, nn
 
 from diffusion import registry
 from diffusion.models.feature_encoders import FeatureEncoder, build_feature_encoder
+from diffusion.models.wrapping import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +131,6 @@ def alignment_block(backbone: nn.Module, block: Optional[int] = None) -> tuple[n
             raise ValueError('repa.block: a UNet backbone aligns its mid block; leave block unset')
         return mid, 'unet.mid_block', int(backbone.unet.config.block_out_channels[-1])
     raise ValueError(f'REPA supports MicroDiT (blocks) and UNet (mid block) backbones, not {type(backbone).__name__}')
-
-
-def _model(state: State) -> nn.Module:
-    """The ComposerModel, under a DDP wrapper or not."""
-    model = state.model
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 # =============================================================================================
@@ -263,7 +258,7 @@ class Repa(Algorithm):
         hidden, self._captured, self._armed = self._captured, None, False
         if hidden is None:
             raise RuntimeError('REPA: the aligned block did not run in this training forward')
-        model = _model(state)
+        model = unwrap(state.model)
         outputs = state.outputs
         if isinstance(outputs, (tuple, list)) and len(outputs) > 3 and outputs[3] is not None:
             raise ValueError('REPA needs every token at the aligned block, and this step masked patches (MicroDiT '

@@ -27,15 +27,49 @@ Registered as ``image_caption`` in ``diffusion.registry.dataloaders``; a YAML us
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import math
-from typing import Any, Sequence
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from streaming import Stream, StreamingDataset
 from torch.utils.data import DataLoader, default_collate
+
+PREFIX_LOCK = Path(tempfile.gettempdir()) / 'diffusion-streaming-prefix.lock'
+
+
+@contextlib.contextmanager
+def shm_prefix_lock() -> Iterator[None]:
+    """Hold a machine-wide file lock while a ``StreamingDataset`` is built.
+
+    A new dataset's node-local leader looks for the first free shared-memory prefix, then creates the block that
+    claims it; two processes that do this at the same moment (two runs started together on one machine, test
+    workers) pick the same prefix and the second fails with ``FileExistsError``. The lock makes the look-and-claim
+    of independent processes take turns. Only the node-local leader (``LOCAL_RANK`` 0, as set by composer's
+    launcher) takes it: the other ranks of its job meet it at streaming's barriers inside, so they must not wait
+    for it. Where ``fcntl`` is missing (Windows) this does nothing.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    if int(os.environ.get('LOCAL_RANK', '0')) != 0:
+        yield
+        return
+    with open(PREFIX_LOCK, 'a') as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
 
 CROP_MODES = ('center', 'random', 'aspect_buckets')
 BUCKET_RATIOS = (0.5, 0.5625, 0.6667, 0.75, 0.8, 1.0, 1.25, 1.3333, 1.5, 1.7778, 2.0)  # h / w
@@ -97,9 +131,6 @@ def image_tensor(image: Image.Image, flip: bool) -> torch.Tensor:
         array = array[:, ::-1]
     tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)  # (3, H, W)
     return tensor.float().div_(127.5).sub_(1.0)
-
-
-_to_tensor = image_tensor  # the name diffusion/demo/evaluate.py imports
 
 
 class StreamingImageCaptionDataset(StreamingDataset):
@@ -171,7 +202,8 @@ class StreamingImageCaptionDataset(StreamingDataset):
             raise ValueError('crop: aspect_buckets needs pixels; latents are stored at one fixed size')
         if streams is not None:
             streams = [s if isinstance(s, Stream) else Stream(**dict(s)) for s in streams]
-        super().__init__(streams=streams, remote=remote, local=local, split=split, **kwargs)
+        with shm_prefix_lock():
+            super().__init__(streams=streams, remote=remote, local=local, split=split, **kwargs)
         self.resolution = int(resolution)
         self.crop = crop
         self.random_flip = bool(random_flip)

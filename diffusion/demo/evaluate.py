@@ -57,11 +57,11 @@ def reconstructions(autoencoder: Any, images: Sequence[Any], batch_size: int = 3
     (posterior means), as RGB PIL images of the same size."""
     from PIL import Image
 
-    from diffusion.data.dataset import _to_tensor
+    from diffusion.data.dataset import image_tensor
     out = []
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
-            x = torch.stack([_to_tensor(im, flip=False) for im in images[i:i + batch_size]])  # (B, 3, H, W)
+            x = torch.stack([image_tensor(im, flip=False) for im in images[i:i + batch_size]])  # (B, 3, H, W)
             y = autoencoder.decode(autoencoder.encode(x)).clamp(-1, 1)
             pixels = ((y.permute(0, 2, 3, 1) + 1) * 127.5).round().to(torch.uint8).numpy()  # (B, H, W, 3)
             out.extend(Image.fromarray(a) for a in pixels)

@@ -166,8 +166,9 @@ def load_labeled(path: str | Path, split: str, limit: Optional[int] = None, stri
     """
     from streaming import StreamingDataset
 
-    from diffusion.data.dataset import center_crop
-    ds = StreamingDataset(local=str(path), split=split, shuffle=False, batch_size=1)
+    from diffusion.data.dataset import center_crop, shm_prefix_lock
+    with shm_prefix_lock():
+        ds = StreamingDataset(local=str(path), split=split, shuffle=False, batch_size=1)
     index = list(range(0, ds.num_samples, max(1, stride)))[:limit]
     rows = [ds[i] for i in index]
     if rows and 'category' not in rows[0]:

@@ -93,7 +93,10 @@ def load_reference(path: str | Path, split: Optional[str] = None, limit: Optiona
     path = Path(path)
     if _is_mds(path, split):
         from streaming import StreamingDataset
-        ds = StreamingDataset(local=str(path), split=split, shuffle=False, batch_size=1)
+
+        from diffusion.data.dataset import shm_prefix_lock
+        with shm_prefix_lock():
+            ds = StreamingDataset(local=str(path), split=split, shuffle=False, batch_size=1)
         n = ds.num_samples if limit is None else min(limit, ds.num_samples)
         rows = [ds[i] for i in range(n)]
         return [center_crop(r['image'], size) for r in rows], [r.get('caption') for r in rows]

@@ -94,11 +94,14 @@ def _history(trainer: Any) -> dict[str, list[list[float]]]:
     for key, values in mem.data.items():
         if not (key.startswith('metrics/') or key == 'loss/train/total'):
             continue
-        points = [[int(ts.batch), float(v)] for ts, v in values if isinstance(v, (int, float, torch.Tensor))]
+        # composer logs a batch's train loss before it counts the batch (eval metrics after): the loss of the
+        # k-th batch carries timestamp k - 1, so it is shifted to k, the batch number the console prints
+        shift = 1 if key.startswith('loss/train') else 0
+        points = [[int(ts.batch) + shift, float(v)] for ts, v in values if isinstance(v, (int, float, torch.Tensor))]
         last_ts, last = mem.most_recent_timestamps.get(key), mem.most_recent_values.get(key)
         if last_ts is not None and isinstance(last, (int, float, torch.Tensor)) and \
-                (not points or points[-1][0] != int(last_ts.batch)):
-            points.append([int(last_ts.batch), float(last)])
+                (not points or points[-1][0] != int(last_ts.batch) + shift):
+            points.append([int(last_ts.batch) + shift, float(last)])
         out[key] = points
     return out
 

@@ -1,0 +1,57 @@
+"""The equal-compute study's arms (scripts/equal_compute.py): each is its demo recipe with one stated change, a
+config run.py accepts, and the budget becomes steps at the calibrated step times."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from diffusion.config import load_config
+from diffusion.models.microdit import build_microdit
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def study():
+    spec = importlib.util.spec_from_file_location('equal_compute', REPO / 'scripts' / 'equal_compute.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _config(study, arm, steps=None, extra=()):
+    args = study.parse_args(['--out', 'unused', *extra])
+    base = study.arm_config(arm, args, steps)
+    return load_config(base=base, overrides=study.run_overrides(Path('d'), Path('v'), Path('o'), arm, 1, 40))
+
+
+def test_every_arm_differs_from_its_demo_recipe_in_what_its_name_says(study):
+    schedules = {}
+    for arm in study.ARMS:
+        cfg = _config(study, arm, {'masked': 30, 'unmasked': 10})
+        sched = cfg.model['noise_schedule']
+        schedules[arm] = (sched['name'], sched.get('prediction_type'))
+        assert cfg.max_duration == '40ba' and cfg.seed == 18 and cfg.run_name == f'ec-{arm}-s1'
+        if arm.startswith('microdit'):
+            backbone, algorithms = cfg.model['backbone'], cfg.algorithms
+            assert ('tread' in arm) == (backbone.get('tread') is not None)
+            if arm.endswith('masked'):
+                assert backbone['mask_ratio'] == 0.75
+                assert algorithms['mask_schedule']['schedule'] == [['0ba', 0.75], ['30ba', 0.0]]
+            else:
+                assert backbone['mask_ratio'] == 0.0 and 'mask_schedule' not in algorithms
+    assert schedules['unet-v'] == ('ddpm', 'v_prediction') and schedules['unet-eps'] == ('ddpm', 'epsilon')
+    assert schedules['microdit-edm'][0] == 'edm'
+    assert {schedules[a][0] for a in ('unet-flow', 'microdit-flow', 'microdit-flow-tread')} == {'flow_matching'}
+    eps = _config(study, 'unet-eps').model['noise_schedule']
+    assert eps['zero_terminal_snr'] is False and eps['loss_weighting'] == 'uniform'
+
+
+def test_the_tread_arm_builds_a_routing_microdit_and_the_budget_becomes_steps(study):
+    cfg = _config(study, 'microdit-flow-tread', extra=['--tread-ratio', '0.25', '--tread-range', '2', '4'])
+    backbone = cfg.model['backbone']
+    model = build_microdit(backbone['preset'], sample_size=backbone['sample_size'], tread=backbone['tread'])
+    assert (model.tread.ratio, model.tread.start, model.tread.end) == (0.25, 2, 4)
+    times = {'unet-v': 0.2, 'microdit-edm-masked': 0.05, 'microdit-edm-masked:finetune': 0.1}
+    assert study.budget_steps('unet-v', 100, 0.2, times) == {'masked': 0, 'unmasked': 500}
+    assert study.budget_steps('microdit-edm-masked', 100, 0.2, times) == {'masked': 1600, 'unmasked': 200}
