@@ -35,7 +35,7 @@ def photo_folder(folder: Path) -> Path:
     return folder
 
 
-def test_own_folder_trains_evaluates_and_exports(tmp_path):
+def test_own_folder_trains_evaluates_and_exports(tmp_path, monkeypatch):
     folder = photo_folder(tmp_path / 'my_photos')
     assert len(list(folder.glob('*.jpg'))) == 24
     cmd = [sys.executable, 'scripts/demo.py', '--data', str(folder), '--root', str(tmp_path), '--license',
@@ -63,7 +63,11 @@ def test_own_folder_trains_evaluates_and_exports(tmp_path):
     assert 'Test Photographer' in (out / 'pipeline' / 'attribution.csv').read_text()
     assert 'own-data demo summary' in result.stdout
 
-    import diffusers
-    pipe = diffusers.DiffusionPipeline.from_pretrained(str(out / 'pipeline'))
-    image = pipe('a photo', height=64, width=64, num_inference_steps=2, output_type='np').images[0]
-    assert image.shape == (64, 64, 3)
+    # The Python line the summary prints opens the export and writes an image, as printed (run in this process).
+    assert f'try prompts: python -m diffusion.app {out}/pipeline' in result.stdout
+    line = next(x for x in result.stdout.splitlines() if x.startswith('in Python: python -c "'))
+    code = line[len('in Python: python -c "'):-1]
+    monkeypatch.chdir(tmp_path)
+    exec(code.replace("height=64, width=64)", "height=64, width=64, num_inference_steps=2)"), {})
+    from PIL import Image
+    assert Image.open(tmp_path / 'x.png').size == (64, 64)

@@ -144,5 +144,8 @@ def own_data_summary(args: argparse.Namespace, repo: Path, times: dict[str, floa
         print(f'held-out evaluation at guidance {row.get("guidance_scale")}: {scores} '
               f'({results["reference"]["num_images"]} held-out images: with a handful the scores only check the machinery)')
     print(f'samples: {root}/unet/samples; model: {root}/pipeline (README.md: licences, attribution.csv)')
-    print(f'open it: python -c "import diffusers; p = diffusers.DiffusionPipeline.from_pretrained(\'{root}/pipeline\'); '
-          f'p(\'{(held_out_captions(mds, 1) or ["a photo"])[0]}\', height=64, width=64).images[0].save(\'x.png\')"')
+    prompt = (held_out_captions(mds, 1) or ['a photo'])[0].replace("'", '').replace('"', '')  # quoted below
+    print(f'try prompts: python -m diffusion.app {root}/pipeline')
+    print(f'in Python: python -c "from diffusion.export.to_diffusers import load_pipeline; '
+          f'p = load_pipeline(\'{root}/pipeline\'); '
+          f'p(\'{prompt}\', height=64, width=64).images[0].save(\'x.png\')"')
