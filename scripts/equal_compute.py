@@ -290,9 +290,9 @@ class Scorer:
         from omegaconf import OmegaConf
 
         from diffusion.checkpoints import checkpoints_by_batch
-        from diffusion.demo.evaluate import fid_kid, generate
+        from diffusion.demo.evaluate import generate
         from diffusion.demo.probe import inception_features
-        from diffusion.evaluation.metrics import fid_bootstrap
+        from diffusion.evaluation.metrics import fid_bootstrap, fid_kid
         args = self.args
         ckpts = checkpoints_by_batch(folder / 'checkpoints')
         if not ckpts:
