@@ -9,15 +9,19 @@ is skipped when the demo runs again, `--force` redoes everything):
                                                   unless --captioner is given; the catalog's own names are captions
  3. autoencoder  run.py yamls/autoencoder-mini.yaml  the project's own small VAE (64 px -> 16x16x4)
  4. latents      convert/precompute_latents.py   VAE latents + MiniLM text states, stored once
- 5. unet         run.py yamls/demo/unet.yaml      mini CommonCanvas-S UNet on the latents, every checkpoint kept
- 6. microdit     run.py yamls/demo/microdit.yaml  mini MicroDiT on the same latents
- 7. eval-<model> python -m diffusion.demo.evaluate   FID/KID on the held-out images at the first and last
-                                                  checkpoint, the category probe, a guidance sweep
- 8. export       convert/export_diffusers.py     a diffusers pipeline folder + model card (licences, attribution)
- 9. report       diffusion/demo/report.py        outputs/demo/report.md + report.html + metrics.json
+ 5. <model>      run.py yamls/demo/<model>.yaml   the model on the latents, every checkpoint kept; by default
+                                                  microdit-flow (mini MicroDiT, flow matching: the recipe the
+                                                  equal-compute study ranks first); with --models also unet
+                                                  (mini CommonCanvas-S UNet) and microdit (EDM, deferred masking)
+ 6. eval-<model> python -m diffusion.demo.evaluate   FID/KID on the held-out images at the first and last
+                                                  checkpoint, the category probe (--ceiling 1 adds the
+                                                  autoencoder's own scores, --sweep-images N a guidance sweep)
+ 7. export       python -m diffusion.export.native (microdit-flow, microdit) or convert/export_diffusers.py
+                                                  (unet): a model folder + model card (licences, attribution)
+ 8. report       diffusion/demo/report.py        outputs/demo/report.md + report.html + metrics.json
 
-`--quick` runs the same stages for the UNet only, with fewer steps and 128 held-out images, into
-outputs/demo-quick/ (and data/demo/latents-quick).
+`--quick` runs the same stages with fewer steps and 128 held-out images, into outputs/demo-quick/ (and
+data/demo/latents-quick).
 
 `--data my_folder` runs the learning route on your own captioned images instead (x.jpg + x.txt; also a manifest,
 tar shards or a Hugging Face datasets folder): convert (with `--license`/`--creator`), autoencoder, latents, UNet,
@@ -37,19 +41,35 @@ REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 # What each variant spends its budget on (steps are batches of 16 images; every run keeps `checkpoints`
-# evenly spaced checkpoints, the demo scores the first and the last).
+# evenly spaced checkpoints, the demo scores the first and the last). `ceiling` 1 also scores the held-out images
+# through the autoencoder (its FID and probe: what a perfect latent generator would reach), `sweep_images` N > 0
+# adds a guidance sweep on N captions; both are off by default (the report does not need them).
 PROFILES = {
-    'full': {'autoencoder_steps': 600, 'unet_steps': 1400, 'microdit_steps': 1200, 'checkpoints': 7,
-             'eval_images': 0, 'probe_train': 600, 'sweep_images': 32, 'sample_steps': 10},
-    'quick': {'autoencoder_steps': 300, 'unet_steps': 440, 'microdit_steps': 440, 'checkpoints': 4,
-              'eval_images': 128, 'probe_train': 200, 'sweep_images': 8, 'sample_steps': 10},
+    'full': {'autoencoder_steps': 500, 'microdit_flow_steps': 1200, 'unet_steps': 1400, 'microdit_steps': 1200,
+             'checkpoints': 6, 'eval_images': 0, 'probe_train': 300, 'ceiling': 0, 'sweep_images': 0,
+             'sample_steps': 10},
+    'quick': {'autoencoder_steps': 200, 'microdit_flow_steps': 360, 'unet_steps': 440, 'microdit_steps': 440,
+              'checkpoints': 4, 'eval_images': 128, 'probe_train': 150, 'ceiling': 0, 'sweep_images': 0,
+              'sample_steps': 10},
 }
 # Config overrides of the quick variant's training runs. 440 UNet steps are too few for the full recipe's cosine
 # decay to 0.1x (there to keep 1,400+ steps stable): a constant lr after warm-up, as `alpha_f: 1.0`.
-QUICK_OVERRIDES = {'unet': ['scheduler.alpha_f=1.0'], 'microdit': []}
-# The samplers the demo scores with: first-order ones (one network call per step; MicroDiT's own default, Heun,
-# takes two and doubled the time of its evaluation stage).
-MODELS = {'unet': ('yamls/demo/unet.yaml', 'ddim'), 'microdit': ('yamls/demo/microdit.yaml', 'euler')}
+QUICK_OVERRIDES = {'microdit-flow': [], 'unet': ['scheduler.alpha_f=1.0'], 'microdit': []}
+# Each model's recipe and the sampler the demo scores it with: first-order ones (one network call per step;
+# Heun takes two and doubles the time of the evaluation stage). The first is the default.
+MODELS = {'microdit-flow': ('yamls/demo/microdit-flow.yaml', 'euler'), 'unet': ('yamls/demo/unet.yaml', 'ddim'),
+          'microdit': ('yamls/demo/microdit.yaml', 'euler')}
+DEFAULT_MODELS = ['microdit-flow']
+DESCRIPTIONS = {
+    'microdit-flow': 'A mini MicroDiT (8.8M parameters) trained with flow matching',
+    'unet': "A mini CommonCanvas-S (SD2-layout UNet, 9.4M parameters) trained with SD2's DDPM (v target, zero "
+            'terminal SNR)',
+    'microdit': 'A mini MicroDiT (8.8M parameters) trained with EDM and deferred patch masking'}
+
+
+def steps_key(model: str) -> str:
+    """The profile key (and ``--<key>`` option) of a model's training steps (``microdit_flow_steps``)."""
+    return f'{model.replace("-", "_")}_steps'
 
 
 def step(name: str, cmd: list[str], done: Path, force: bool, log_dir: Path) -> float:
@@ -82,9 +102,9 @@ def _read_json(path: Path) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
-    parser.add_argument('--quick', action='store_true', help='fewer steps and images (under 10 min on 2 idle cores)')
-    parser.add_argument('--models', nargs='+', choices=sorted(MODELS), default=None,
-                        help='default: unet and microdit; --quick: unet')
+    parser.add_argument('--quick', action='store_true', help='fewer steps and images (under 6 min on 2 idle cores)')
+    parser.add_argument('--models', nargs='+', choices=list(MODELS), default=None,
+                        help=f'default: {" ".join(DEFAULT_MODELS)}')
     parser.add_argument('--captioner', default=None, help='an image-to-text model folder to telephone captions')
     parser.add_argument('--force', action='store_true', help='redo every stage')
     own = parser.add_argument_group('your own images (instead of the emoji catalog)')
@@ -102,7 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.models is None:
-        args.models = ['unet'] if args.quick else ['unet', 'microdit']
+        args.models = list(DEFAULT_MODELS)
     if args.data is None and (args.license or args.creator or args.name):
         parser.error('--license, --creator and --name go with --data (your own images)')
     if args.data is not None and not Path(args.data).exists():
@@ -142,7 +162,7 @@ def train_stages(args: argparse.Namespace, paths: dict[str, Path], times: dict[s
         str(ae / 'vae'), '--text-encoder', 'minilm', '--resolutions', '64'],
         paths['latents'] / 'latents.json', args.force, logs)  # written last: an interrupted run is redone
     for name in args.models:
-        yaml, steps = MODELS[name][0], getattr(args, f'{name}_steps')
+        yaml, steps = MODELS[name][0], getattr(args, steps_key(name))
         every = max(1, steps // args.checkpoints)
         times[name] = step(name, [
             PY, 'run.py', yaml, f'variables.data={paths["latents"]}', f'variables.out={root / name}',
@@ -152,8 +172,15 @@ def train_stages(args: argparse.Namespace, paths: dict[str, Path], times: dict[s
     return source
 
 
+def export_folder(root: Path, name: str) -> Path:
+    """Where the demo exports a model: a diffusers pipeline for the UNet, a native export for MicroDiT (diffusers
+    has no pipeline that runs it)."""
+    return root / name / ('pipeline' if name == 'unet' else 'export')
+
+
 def eval_stages(args: argparse.Namespace, paths: dict[str, Path], times: dict[str, float]) -> None:
-    """Per model: FID/KID first vs last checkpoint, probe, sweep; then the UNet's diffusers export."""
+    """Per model: FID/KID first vs last checkpoint and the probe (optionally the autoencoder ceiling and a guidance
+    sweep); then its export with a model card."""
     root, logs = paths['root'], paths['logs']
     for name in args.models:
         cmd = [PY, '-m', 'diffusion.demo.evaluate', '--data', str(paths['catalog']), '--run', str(root / name),
@@ -161,18 +188,23 @@ def eval_stages(args: argparse.Namespace, paths: dict[str, Path], times: dict[st
                '--probe-train', str(args.probe_train), '--sweep-images', str(args.sweep_images)]
         if args.eval_images:
             cmd += ['--num-reference', str(args.eval_images)]
+        if not args.ceiling:
+            cmd += ['--no-ceiling']
         times[f'eval-{name}'] = step(f'eval-{name}', cmd, root / name / 'eval' / 'metrics.json', args.force, logs)
-    if 'unet' in args.models:  # the diffusers StableDiffusionPipeline takes a UNet backbone
-        pipeline = root / 'unet' / 'pipeline'
-        times['export'] = step('export', [
-            PY, 'convert/export_diffusers.py', '--checkpoint', f'{root}/unet/checkpoints', '--out', str(pipeline)],
-            pipeline / 'model_index.json', args.force, logs)
-        from diffusion.demo.report import licence_counts, write_model_card
-        attribution = paths['catalog'] / 'attribution.csv'
-        write_model_card(pipeline, attribution, licence_counts(attribution),
-                         'A mini CommonCanvas-S (SD2-layout UNet, 9.4M parameters) trained from scratch on a CPU by '
-                         '`make demo` on 64 px Twemoji, with the project\'s own small autoencoder and the '
-                         'all-MiniLM-L6-v2 text encoder.')
+    from diffusion.demo.report import licence_counts, write_model_card
+    attribution = paths['catalog'] / 'attribution.csv'
+    for name in args.models:
+        folder = export_folder(root, name)
+        if name == 'unet':  # the diffusers StableDiffusionPipeline takes a UNet backbone
+            cmd, done = [PY, 'convert/export_diffusers.py'], folder / 'model_index.json'
+        else:
+            cmd, done = [PY, '-m', 'diffusion.export.native'], folder / 'config.json'
+        times[f'export-{name}'] = step(f'export-{name}', [
+            *cmd, '--checkpoint', f'{root}/{name}/checkpoints', '--out', str(folder)], done, args.force, logs)
+        write_model_card(folder, attribution, licence_counts(attribution),
+                         f'{DESCRIPTIONS[name]} from scratch on a CPU by `make demo` on 64 px Twemoji, with the '
+                         "project's own small autoencoder and the all-MiniLM-L6-v2 text encoder. Open it with "
+                         f'`python -m diffusion.app {os.path.relpath(folder, REPO)}`.')
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -211,7 +243,9 @@ def main(argv: list[str] | None = None) -> None:
                  f'{m["fid_reconstructed"]:.1f}' if 'probe_accuracy_reconstructed' in m else '') + ')'
               + (f'; probe fitted on reconstructions: generated {m["probe_ae_accuracy_generated"]:.3f}, real '
                  f'{m["probe_ae_accuracy_real"]:.3f}' if 'probe_ae_accuracy_generated' in m else ''))
-    print(f'open: {report} (or report.html beside it); model: {root}/unet/pipeline (README.md: licences)')
+    folder = os.path.relpath(export_folder(root, args.models[0]), REPO)
+    print(f'open: {report} (or report.html beside it); model: {folder} (README.md: licences); try it: '
+          f'python -m diffusion.app {folder}')
 
 
 if __name__ == '__main__':

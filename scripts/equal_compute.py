@@ -24,7 +24,8 @@ Equal compute is measured, not typed in:
 1. **Calibration.** In this process each arm's model, optimizer and a real training batch are built from its
    config (as ``run.py`` builds them) and training steps (forward, loss, backward, clipping, optimizer step) are
    timed in interleaved rounds (order reversed every round) as CPU time of this process (``time.process_time``)
-   with ``--threads`` threads; medians are kept (``<out>/calibration.json``, reused by later invocations).
+   with ``--threads`` threads; medians are kept (``<out>/calibration.json``, reused by later invocations;
+   ``--calibration`` takes them from an earlier study instead, ``--import-runs`` its finished runs too).
 2. **Budget -> steps.** A budget of B CPU seconds is ``B / t_step`` steps; the masked arm spends
    ``(1 - share) * B`` at its masked step time and ``share * B`` at the unmasked one.
 3. **Training** through ``run.py`` (as a user would), ``--jobs`` runs at a time, each with ``OMP_NUM_THREADS =
@@ -98,6 +99,12 @@ def parse_args(argv: Any = None) -> argparse.Namespace:
                    '(default: <out>/features)')
     p.add_argument('--threads', type=int, default=1, help='threads of the calibration and of each run')
     p.add_argument('--jobs', type=int, default=2, help='runs trained at a time')
+    p.add_argument('--calibration', default=None, help='step times to reuse instead of calibrating: a '
+                   "calibration.json or an earlier study's results JSON (its step_cpu_s), so that a later budget "
+                   'is counted in the same CPU seconds as an earlier one')
+    p.add_argument('--import-runs', default=None, help="an earlier study's results JSON: its runs (steps, CPU "
+                   'time, scores) count as done where this study has no folder of its own for them, so that a later '
+                   'budget extends it without training them again')
     p.add_argument('--calib-rounds', type=int, default=3, help='interleaved calibration rounds')
     p.add_argument('--calib-steps', type=int, default=4, help='timed steps per arm and round')
     p.add_argument('--eval-images', type=int, default=None, help='held-out images to score (default: all)')
@@ -239,6 +246,22 @@ def start_run(args: argparse.Namespace, data: Path, vae: Path, times: dict[str, 
                   else steps['unmasked'] * times[arm])
     return proc, {'arm': arm, 'seed': seed, 'budget_cpu_s': budget, 'steps': steps, 'calibrated_cpu_s': calibrated,
                   'start': time.perf_counter(), 'folder': str(folder)}
+
+
+def import_runs(args: argparse.Namespace, path: Path) -> int:
+    """Write ``run.json`` and ``score.json`` of every run recorded in an earlier study's results JSON whose folder
+    holds neither (its record says ``imported_from``); returns how many."""
+    count = 0
+    for run in json.loads(path.read_text())['runs']:
+        folder = run_folder(args, run['budget_cpu_s'], run['arm'], run['seed'])
+        if (folder / 'run.json').exists() or (folder / 'score.json').exists():
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        info = {k: v for k, v in run.items() if k != 'score'} | {'folder': str(folder), 'imported_from': str(path)}
+        (folder / 'run.json').write_text(json.dumps(info, indent=1) + '\n')
+        (folder / 'score.json').write_text(json.dumps(run['score'], indent=1) + '\n')
+        count += 1
+    return count
 
 
 def train_all(args: argparse.Namespace, data: Path, vae: Path, times: dict[str, float],
@@ -395,6 +418,12 @@ def main(argv: Any = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     calib_file = out / 'calibration.json'
     times = json.loads(calib_file.read_text()) if calib_file.exists() else {}
+    if args.calibration:
+        given = json.loads(Path(args.calibration).read_text())
+        times.update(given.get('step_cpu_s', given))
+        calib_file.write_text(json.dumps(times, indent=1) + '\n')
+    if args.import_runs:
+        log.info('imported %d run(s) of %s', import_runs(args, Path(args.import_runs)), args.import_runs)
     missing = [a for a in args.arms if a not in times]
     if missing and not args.report:
         times.update(calibrate(args, data, vae, missing))

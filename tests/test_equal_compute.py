@@ -55,3 +55,27 @@ def test_the_tread_arm_builds_a_routing_microdit_and_the_budget_becomes_steps(st
     times = {'unet-v': 0.2, 'microdit-edm-masked': 0.05, 'microdit-edm-masked:finetune': 0.1}
     assert study.budget_steps('unet-v', 100, 0.2, times) == {'masked': 0, 'unmasked': 500}
     assert study.budget_steps('microdit-edm-masked', 100, 0.2, times) == {'masked': 1600, 'unmasked': 200}
+
+
+def test_a_later_budget_reuses_an_earlier_studys_step_times(study, tmp_path):
+    """``--calibration``: a later budget is counted at the step times the first budget's runs were planned with."""
+    import json
+    data, vae = tmp_path / 'latents', tmp_path / 'vae'
+    data.mkdir()
+    vae.mkdir()
+    (data / 'latents.json').write_text(json.dumps({'vae': str(vae)}))
+    earlier = REPO / 'docs' / 'results' / 'equal-compute-360.json'
+    argv = ['--budgets', '360', '1200', '--data', str(data), '--out', str(tmp_path / 'out'), '--calibration',
+            str(earlier), '--import-runs', str(earlier), '--report']
+    assert study.main(argv) == 0
+    record = json.loads(earlier.read_text())
+    times = json.loads((tmp_path / 'out' / 'calibration.json').read_text())
+    assert times == record['step_cpu_s']
+    assert study.budget_steps('microdit-flow', 1200, 0.2, times) == {
+        'masked': 0, 'unmasked': int(1200 / times['microdit-flow'])}
+    # The earlier runs count as done: the same table, the same ranking, nothing of the 1,200 budget yet.
+    result = json.loads((tmp_path / 'out' / 'results.json').read_text())
+    assert len(result['runs']) == len(record['runs']) and result['summary']['1200']['ranking'] == []
+    assert result['summary']['360'] == record['summary']['360']
+    args = study.parse_args(['--out', str(tmp_path / 'out')])
+    assert study.import_runs(args, earlier) == 0  # already there: nothing is overwritten

@@ -153,6 +153,9 @@ def test_report_files_and_model_card(tmp_path):
                                   'last': {'batch': 900, 'fid': 90.0, 'kid_mean': 0.05, 'probe_accuracy': 0.4}}}
     metrics = {'unet': model_metrics(evaluation)}
     assert set(METRIC_KEYS) <= set(metrics['unet']) and 'probe_accuracy_reconstructed' not in metrics['unet']
+    plain = write_report(tmp_path / 'plain', [('Metrics', metrics_section(metrics))], metrics).read_text()
+    assert '300.0 (ba 100) -> 90.0 (ba 900)' in plain  # scored without the ceiling: no empty ceiling columns
+    assert 'autoencoder ceiling' not in plain and 'n/a' not in plain and 'reconstructions' not in plain
     evaluation['reconstructed'] = {'probe_accuracy': 0.45, 'fid': 110.0, 'kid_mean': 0.02}
     evaluation['probe_ae_accuracy_real'] = 0.5
     evaluation['checkpoints']['first']['probe_ae_accuracy'] = 0.15
@@ -186,12 +189,18 @@ def test_demo_profiles_and_overrides():
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
     quick = demo.parse_args(['--quick'])
-    assert quick.models == ['unet'] and quick.eval_images == 128
-    full = demo.parse_args(['--unet-steps', '7'])
-    assert full.models == ['unet', 'microdit'] and full.unet_steps == 7 and full.eval_images == 0
-    for args in (quick, demo.parse_args([])):
-        for name in args.models:  # a first checkpoint well before the last one
-            assert args.checkpoints >= 2 and getattr(args, f'{name}_steps') // args.checkpoints >= 1
+    assert quick.models == ['microdit-flow'] and quick.eval_images == 128
+    full = demo.parse_args(['--microdit-flow-steps', '7'])
+    assert full.models == ['microdit-flow'] and full.microdit_flow_steps == 7 and full.eval_images == 0
+    assert (full.ceiling, full.sweep_images) == (0, 0)  # the report needs neither
+    every = demo.parse_args(['--models', 'microdit-flow', 'unet', 'microdit', '--ceiling', '1'])
+    assert every.models == ['microdit-flow', 'unet', 'microdit'] and every.ceiling == 1
+    for args in (quick, demo.parse_args([]), every):
+        for name in args.models:  # a recipe per model, a first checkpoint well before the last one
+            assert (REPO / demo.MODELS[name][0]).exists() and name in demo.DESCRIPTIONS
+            assert args.checkpoints >= 2 and getattr(args, demo.steps_key(name)) // args.checkpoints >= 1
+    assert demo.export_folder(REPO, 'unet').name == 'pipeline'  # diffusers runs the UNet; MicroDiT: native
+    assert demo.export_folder(REPO, 'microdit-flow').name == 'export'
 
 
 def test_demo_eval_end_to_end(tmp_path):
@@ -241,3 +250,9 @@ def test_demo_eval_end_to_end(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / 'features').iterdir()} == stamps
     assert again['reconstructed'] == metrics['reconstructed']
     assert again['checkpoints']['last']['fid'] == pytest.approx(last['fid'])
+    # The demo's trimmed evaluation: no autoencoder ceiling, no sweep; the same checkpoint scores.
+    assert demo_eval.main([*argv, '--no-ceiling', '--sweep-images', '0']) == 0
+    trimmed = json.loads((run / 'eval' / 'metrics.json').read_text())
+    assert 'reconstructed' not in trimmed and 'sweep' not in trimmed and 'sweep_plot' not in trimmed
+    assert 'probe_ae_accuracy' not in trimmed['checkpoints']['last']
+    assert trimmed['checkpoints']['last']['fid'] == pytest.approx(last['fid'])

@@ -9,12 +9,13 @@ image goes through the TF-FID Inception once; its pool features serve FID, KID a
 every model of the demo. Generation is resumable (:func:`diffusion.evaluation.generate.generate_to_folder`).
 
 Writes ``<run>/eval/metrics.json``: per checkpoint (first, last) FID, KID, probe balanced accuracy; the probe's
-balanced accuracy on real held-out images and chance; the same figures for the held-out images passed through the
-model's own autoencoder (``decode(encode(x))``: what a latent generator that reproduced the data's latents
-exactly would score, the ceiling the autoencoder leaves the diffusion model); a second probe's balanced accuracy
-(``probe_ae_accuracy``), fitted on the same real training images passed through that autoencoder, so that it
-judges generated images (always decoder outputs) in the decoder's domain rather than penalising its blur; the
-guidance sweep (FID/KID per guidance scale, last checkpoint) and its plot ``<run>/eval/guidance.png``.
+balanced accuracy on real held-out images and chance. Unless ``--no-ceiling``, also the same figures for the
+held-out images passed through the model's own autoencoder (``decode(encode(x))``: what a latent generator that
+reproduced the data's latents exactly would score, the ceiling the autoencoder leaves the diffusion model) and a
+second probe's balanced accuracy (``probe_ae_accuracy``), fitted on the same real training images passed through
+that autoencoder, so that it judges generated images (always decoder outputs) in the decoder's domain rather than
+penalising its blur. With ``--sweep-images`` > 0, the guidance sweep (FID/KID per guidance scale, last
+checkpoint) and its plot ``<run>/eval/guidance.png``.
 """
 from __future__ import annotations
 
@@ -159,7 +160,7 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
     # The ceiling the autoencoder leaves: the held-out images through decode(encode(x)), scored like generated ones.
     # And a second probe fitted on the same training images through the autoencoder: generated images can only be
     # decoder outputs, so this probe compares them with real images in the decoder's own (blurred) domain.
-    autoencoder = _load(ckpts[-1][1])[0].autoencoder
+    autoencoder = _load(ckpts[-1][1])[0].autoencoder if args.ceiling else None
     probe_ae = None
     if autoencoder is not None:
         weights = _fingerprint(autoencoder)
@@ -190,6 +191,8 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
                                       **_score(f'batch {batch}', images, real, held['categories'], probe,
                                                extractor, args, probe_ae)}
     result['settings'].update(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)  # resolved
+    if not args.sweep or args.sweep_images <= 0:
+        return result
     sweep = []
     pick = list(range(0, len(prompts), max(1, len(prompts) // args.sweep_images)))[:args.sweep_images]
     for g in args.sweep:
@@ -241,7 +244,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--steps', type=int, default=None, help='default: by noise schedule (EDM 30, DDPM 20)')
     p.add_argument('--guidance', type=float, default=None, help='default: by noise schedule (EDM 5, DDPM 3)')
     p.add_argument('--sweep', type=float, nargs='*', default=[1.0, 3.0, 6.0])
-    p.add_argument('--sweep-images', type=int, default=128)
+    p.add_argument('--sweep-images', type=int, default=128, help='captions of the guidance sweep (0: no sweep)')
+    p.add_argument('--no-ceiling', dest='ceiling', action='store_false',
+                   help="skip the autoencoder's own scores (the held-out images through decode(encode(x)))")
     p.add_argument('--batch-size', type=int, default=32)
     p.add_argument('--kid-subsets', type=int, default=50)
     p.add_argument('--seed', type=int, default=0)

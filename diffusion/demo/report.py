@@ -125,22 +125,28 @@ def model_grid(name: str, evaluation: dict[str, Any], real: Sequence[Image.Image
 
 
 def _metrics_table(metrics: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """One row per model; the autoencoder-ceiling columns only when some model was scored with them."""
+    ceiling = any('probe_accuracy_reconstructed' in m for m in metrics.values())
+    probe_ae = any('probe_ae_accuracy_generated' in m for m in metrics.values())
     head = ['model', 'probe bal. acc. generated (first -> last)', 'probe bal. acc. real', 'chance',
-            'FID first -> last', 'KID first -> last', 'autoencoder ceiling: probe / FID / KID',
-            'probe fitted on reconstructions: generated (first -> last) / real', 'held-out images']
-    rows = [head]
+            'FID first -> last', 'KID first -> last']
+    head += ['autoencoder ceiling: probe / FID / KID'] if ceiling else []
+    head += ['probe fitted on reconstructions: generated (first -> last) / real'] if probe_ae else []
+    rows = [head + ['held-out images']]
     for name, m in metrics.items():
-        rows.append([name, f'{m["probe_accuracy_generated_first"]:.3f} -> {m["probe_accuracy_generated"]:.3f} '
-                           f'({m["probe_accuracy_generated"] / m["chance"]:.1f}x chance)',
-                     f'{m["probe_accuracy_real"]:.3f}', f'{m["chance"]:.3f} (1/{m["probe_classes"]})',
-                     f'{m["fid_first"]:.1f} (ba {m["batch_first"]}) -> {m["fid_last"]:.1f} (ba {m["batch_last"]})',
-                     f'{m["kid_first"]:.4f} -> {m["kid_last"]:.4f}',
-                     f'{m["probe_accuracy_reconstructed"]:.3f} / {m["fid_reconstructed"]:.1f} / '
-                     f'{m["kid_reconstructed"]:.4f}' if 'probe_accuracy_reconstructed' in m else 'n/a',
-                     f'{m["probe_ae_accuracy_generated_first"]:.3f} -> {m["probe_ae_accuracy_generated"]:.3f} '
-                     f'({m["probe_ae_accuracy_generated"] / m["chance"]:.1f}x chance) / '
-                     f'{m["probe_ae_accuracy_real"]:.3f}' if 'probe_ae_accuracy_generated' in m else 'n/a',
-                     str(m['n_reference'])])
+        row = [name, f'{m["probe_accuracy_generated_first"]:.3f} -> {m["probe_accuracy_generated"]:.3f} '
+                     f'({m["probe_accuracy_generated"] / m["chance"]:.1f}x chance)',
+               f'{m["probe_accuracy_real"]:.3f}', f'{m["chance"]:.3f} (1/{m["probe_classes"]})',
+               f'{m["fid_first"]:.1f} (ba {m["batch_first"]}) -> {m["fid_last"]:.1f} (ba {m["batch_last"]})',
+               f'{m["kid_first"]:.4f} -> {m["kid_last"]:.4f}']
+        if ceiling:
+            row.append(f'{m["probe_accuracy_reconstructed"]:.3f} / {m["fid_reconstructed"]:.1f} / '
+                       f'{m["kid_reconstructed"]:.4f}' if 'probe_accuracy_reconstructed' in m else 'n/a')
+        if probe_ae:
+            row.append(f'{m["probe_ae_accuracy_generated_first"]:.3f} -> {m["probe_ae_accuracy_generated"]:.3f} '
+                       f'({m["probe_ae_accuracy_generated"] / m["chance"]:.1f}x chance) / '
+                       f'{m["probe_ae_accuracy_real"]:.3f}' if 'probe_ae_accuracy_generated' in m else 'n/a')
+        rows.append(row + [str(m['n_reference'])])
     return rows
 
 
@@ -187,19 +193,20 @@ def write_report(root: Path, sections: list[tuple[str, list[Any]]], metrics: dic
 
 def metrics_section(metrics: dict[str, dict[str, Any]]) -> list[Any]:
     """The report's metrics blocks (a table and how to read it)."""
-    return [('table', _metrics_table(metrics)),
-            'Probe: logistic regression on Inception pool features of real training images, predicting the '
+    text = ('Probe: logistic regression on Inception pool features of real training images, predicting the '
             "emoji's category; balanced accuracy = mean per-class recall, chance = 1/K. 'generated' scores the "
-            'images made from held-out captions (the category of the caption\'s image is the label); \'real\' '
-            'scores the held-out images themselves (the ceiling). Autoencoder ceiling: the held-out images '
-            'passed through the model\'s own autoencoder (decode(encode(x))), scored like generated images: '
-            'what a diffusion model that reproduced the data\'s latents exactly would reach with this '
-            'autoencoder. Probe fitted on reconstructions: the same logistic regression fitted on the same '
-            'training images passed through the autoencoder, so it judges generated images (always decoder '
-            'outputs) in the decoder\'s blurred domain instead of penalising the blur; a diagnostic beside the '
-            'first probe, not a replacement. FID/KID: the same held-out images as '
-            'reference, one generated image per held-out caption; FID on a few hundred images is biased upward: '
-            'compare first with last.']
+            "images made from held-out captions (the category of the caption's image is the label); 'real' "
+            'scores the held-out images themselves (the ceiling). ')
+    if any('probe_accuracy_reconstructed' in m for m in metrics.values()):
+        text += ('Autoencoder ceiling: the held-out images passed through the model\'s own autoencoder '
+                 '(decode(encode(x))), scored like generated images: what a diffusion model that reproduced the '
+                 "data's latents exactly would reach with this autoencoder. Probe fitted on reconstructions: the "
+                 'same logistic regression fitted on the same training images passed through the autoencoder, so it '
+                 'judges generated images (always decoder outputs) in the decoder\'s blurred domain instead of '
+                 'penalising the blur; a diagnostic beside the first probe, not a replacement. ')
+    text += ('FID/KID: the same held-out images as reference, one generated image per held-out caption; FID on a '
+             'few hundred images is biased upward: compare first with last.')
+    return [('table', _metrics_table(metrics)), text]
 
 
 def _write(path: Path, text: str) -> None:
