@@ -48,7 +48,7 @@ PROFILES = {
     'full': {'autoencoder_steps': 500, 'microdit_flow_steps': 1200, 'unet_steps': 1400, 'microdit_steps': 1200,
              'checkpoints': 6, 'eval_images': 0, 'probe_train': 300, 'ceiling': 0, 'sweep_images': 0,
              'sample_steps': 10},
-    'quick': {'autoencoder_steps': 200, 'microdit_flow_steps': 360, 'unet_steps': 440, 'microdit_steps': 440,
+    'quick': {'autoencoder_steps': 160, 'microdit_flow_steps': 320, 'unet_steps': 440, 'microdit_steps': 440,
               'checkpoints': 4, 'eval_images': 128, 'probe_train': 150, 'ceiling': 0, 'sweep_images': 0,
               'sample_steps': 10},
 }
@@ -197,8 +197,10 @@ def eval_stages(args: argparse.Namespace, paths: dict[str, Path], times: dict[st
         folder = export_folder(root, name)
         if name == 'unet':  # the diffusers StableDiffusionPipeline takes a UNet backbone
             cmd, done = [PY, 'convert/export_diffusers.py'], folder / 'model_index.json'
-        else:
-            cmd, done = [PY, '-m', 'diffusion.export.native'], folder / 'config.json'
+        else:  # its generation defaults: the settings its evaluation scored (its page opens at them)
+            scored = _read_json(root / name / 'eval' / 'metrics.json')['settings']
+            cmd, done = [PY, '-m', 'diffusion.export.native', '--sampler', scored['sampler'], '--steps',
+                         str(scored['steps']), '--guidance', str(scored['guidance_scale'])], folder / 'config.json'
         times[f'export-{name}'] = step(f'export-{name}', [
             *cmd, '--checkpoint', f'{root}/{name}/checkpoints', '--out', str(folder)], done, args.force, logs)
         write_model_card(folder, attribution, licence_counts(attribution),

@@ -284,6 +284,12 @@ def test_mini_trains_with_mask_schedule_and_ema(demo_photos, tmp_path):
     assert config['metadata']['weights'] == 'ema' and config['generation']['sampler'] == 'heun'
     images = load_native(folder).generate(['a cat'], seed=[0], **{**config['generation'], 'num_inference_steps': 1})
     assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
+    # The settings a model was evaluated at become its folder's generation defaults (the demo's export).
+    from diffusion.export.native import main as native_main
+    assert native_main(['--checkpoint', str(tmp_path / 'ckpt'), '--out', str(tmp_path / 'export-euler'),
+                        '--sampler', 'euler', '--guidance', '3']) == 0
+    generation = __import__('json').loads((tmp_path / 'export-euler' / 'config.json').read_text())['generation']
+    assert generation == {**config['generation'], 'sampler': 'euler', 'guidance_scale': 3.0}
 
 
 def test_native_export_round_trip_generates_the_same_images(tmp_path):

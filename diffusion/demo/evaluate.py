@@ -1,6 +1,6 @@
 """The demo's evaluation of one trained model: FID/KID at its first and last checkpoint, the category probe, a sweep.
 
-``python -m diffusion.demo.evaluate --data DATA --run outputs/demo/unet --features outputs/demo/features``
+``python -m diffusion.demo.evaluate --data DATA --run outputs/demo/microdit-flow --features outputs/demo/features``
 
 Prompts are the captions of the held-out (``eval``) split of the catalog, one image each, so FID/KID compare
 the model's images for those captions with the real images that carry them (>= 500 in the demo). Every

@@ -90,13 +90,20 @@ def load_native(folder: Union[str, Path], device: Union[str, torch.device] = 'cp
 
 
 def export_checkpoint_native(checkpoint: Union[str, Path], out_dir: Union[str, Path],
-                             config: Optional[Union[str, Path]] = None, weights: str = 'auto') -> Path:
-    """A composer checkpoint (EMA weights by default when the run has them) -> a native export folder."""
+                             config: Optional[Union[str, Path]] = None, weights: str = 'auto',
+                             generation: Optional[dict[str, Any]] = None) -> Path:
+    """A composer checkpoint (EMA weights by default when the run has them) -> a native export folder.
+
+    ``generation``: generation defaults to record in place of the schedule's (``sampler``, ``num_inference_steps``,
+    ``guidance_scale``; a key left out or ``None`` keeps the schedule's default), e.g. the settings a model was
+    evaluated at."""
     from diffusion.config import load_config
     from diffusion.checkpoints import load_model
+    from diffusion.samplers import resolve_sampling
     model, info = load_model(checkpoint, config, weights)
     cfg = load_config(Path(info.config))
-    return export_native(model, cfg.model, out_dir, metadata=info.as_dict())
+    chosen = resolve_sampling(model, **(generation or {}))
+    return export_native(model, cfg.model, out_dir, generation=chosen, metadata=info.as_dict())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -106,10 +113,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--out', required=True, help='output folder')
     parser.add_argument('--config', default=None, help='train config (default: config.yaml beside the checkpoint)')
     parser.add_argument('--weights', default='auto', choices=('auto', 'ema', 'training'))
+    parser.add_argument('--sampler', default=None, help="generation default to record (default: the noise "
+                        "schedule's: heun for EDM and flow matching, ddim for DDPM)")
+    parser.add_argument('--steps', type=int, default=None, help='generation default: sampling steps')
+    parser.add_argument('--guidance', type=float, default=None, help='generation default: guidance scale')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
     try:
-        out = export_checkpoint_native(args.checkpoint, args.out, args.config, args.weights)
+        out = export_checkpoint_native(args.checkpoint, args.out, args.config, args.weights,
+                                       {'sampler': args.sampler, 'num_inference_steps': args.steps,
+                                        'guidance_scale': args.guidance})
     except (FileNotFoundError, ValueError) as err:
         print(f'export failed: {err}', file=sys.stderr)
         return 2
