@@ -37,6 +37,9 @@ import sys
 import time
 from pathlib import Path
 
+from diffusion.demo.recipes import (DEFAULT_MODELS, DESCRIPTIONS, MODELS, QUICK_OVERRIDES,
+                                    export_folder, steps_key)
+
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
@@ -52,29 +55,6 @@ PROFILES = {
               'checkpoints': 4, 'eval_images': 128, 'probe_train': 150, 'ceiling': 0, 'sweep_images': 0,
               'sample_steps': 10},
 }
-# Config overrides of the quick variant's training runs. 440 UNet steps are too few for the full recipe's cosine
-# decay to 0.1x (there to keep 1,400+ steps stable): a constant lr after warm-up, as `alpha_f: 1.0`.
-QUICK_OVERRIDES = {'microdit-flow': [], 'unet': ['scheduler.alpha_f=1.0'], 'microdit': []}
-# Each model's recipe and the sampler and guidance the demo scores it with: first-order samplers (one network call
-# per step; Heun takes two and doubles the time of the evaluation stage); guidance 3 as the equal-compute study
-# (for the flow-matching MicroDiT it scored FID 227.9 against 235.7 at the schedule's default 7, same checkpoint),
-# 5 for the EDM MicroDiT (its schedule's default). The first model is the default.
-MODELS = {'microdit-flow': ('yamls/demo/microdit-flow.yaml', 'euler', 3.0),
-          'unet': ('yamls/demo/unet.yaml', 'ddim', 3.0),
-          'microdit': ('yamls/demo/microdit.yaml', 'euler', 5.0)}
-DEFAULT_MODELS = ['microdit-flow']
-DESCRIPTIONS = {
-    'microdit-flow': 'A mini MicroDiT (8.8M parameters) trained with flow matching',
-    'unet': "A mini CommonCanvas-S (SD2-layout UNet, 9.4M parameters) trained with SD2's DDPM (v target, zero "
-            'terminal SNR)',
-    'microdit': 'A mini MicroDiT (8.8M parameters) trained with EDM and deferred patch masking'}
-
-
-def steps_key(model: str) -> str:
-    """The profile key (and ``--<key>`` option) of a model's training steps (``microdit_flow_steps``)."""
-    return f'{model.replace("-", "_")}_steps'
-
-
 def step(name: str, cmd: list[str], done: Path, force: bool, log_dir: Path) -> float:
     """Run one stage unless its output exists; its output goes to the console and to a log file."""
     if done.exists() and not force:
@@ -173,12 +153,6 @@ def train_stages(args: argparse.Namespace, paths: dict[str, Path], times: dict[s
             f'save_interval={every}ba', f'eval_interval={every}ba', *(QUICK_OVERRIDES[name] if args.quick else [])],
             root / name / 'checkpoints' / 'summary.json', args.force, logs)
     return source
-
-
-def export_folder(root: Path, name: str) -> Path:
-    """Where the demo exports a model: a diffusers pipeline for the UNet, a native export for MicroDiT (diffusers
-    has no pipeline that runs it)."""
-    return root / name / ('pipeline' if name == 'unet' else 'export')
 
 
 def eval_stages(args: argparse.Namespace, paths: dict[str, Path], times: dict[str, float]) -> None:

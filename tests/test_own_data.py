@@ -38,8 +38,9 @@ def photo_folder(folder: Path) -> Path:
 def test_own_folder_trains_evaluates_and_exports(tmp_path, monkeypatch):
     folder = photo_folder(tmp_path / 'my_photos')
     assert len(list(folder.glob('*.jpg'))) == 24
+    # The default model: the MicroDiT with flow matching, exported natively (the UNet's route: the test below).
     cmd = [sys.executable, 'scripts/demo.py', '--data', str(folder), '--root', str(tmp_path), '--license',
-           'CC-BY-4.0', '--creator', 'Test Photographer', '--autoencoder-steps', '2', '--unet-steps', '2',
+           'CC-BY-4.0', '--creator', 'Test Photographer', '--autoencoder-steps', '2', '--microdit-flow-steps', '2',
            '--checkpoints', '1', '--sample-steps', '2']
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                             env=dict(os.environ, PYTHONPATH=str(REPO)))
@@ -47,27 +48,62 @@ def test_own_folder_trains_evaluates_and_exports(tmp_path, monkeypatch):
     data, out = tmp_path / 'data' / 'my_photos', tmp_path / 'outputs' / 'my_photos'
     report = json.loads((data / 'mds' / 'report.json').read_text())
     assert report['kept'] == 24 and report['splits']['eval'] >= 1
+    exports = {'microdit-flow': out / 'microdit-flow' / 'export'}
     for done in (out / 'autoencoder' / 'vae' / 'config.json', data / 'latents' / 'latents.json',
-                 out / 'unet' / 'checkpoints' / 'summary.json', out / 'eval' / 'results.json',
-                 out / 'pipeline' / 'model_index.json'):
+                 exports['microdit-flow'] / 'config.json'):
         assert done.exists(), done
-    # The run is named for the data, and samples the held-out captions, not the emoji prompts.
-    config = (out / 'unet' / 'checkpoints' / 'config.yaml').read_text()
-    assert 'my_photos-unet' in config and 'grinning face' not in config
     with open(data / 'mds' / 'attribution.csv', encoding='utf-8') as f:
         held_out = [row['key'] for row in csv.DictReader(f) if row['split'] == 'eval']
-    results = json.loads((out / 'eval' / 'results.json').read_text())
-    assert results['reference']['num_images'] == len(held_out)
-    card = (out / 'pipeline' / 'README.md').read_text()
-    assert 'CC-BY-4.0: 24' in card and 'Test Photographer: 24' in card
-    assert 'Test Photographer' in (out / 'pipeline' / 'attribution.csv').read_text()
-    assert 'own-data demo summary' in result.stdout
-
-    # The Python line the summary prints opens the export and writes an image, as printed (run in this process).
-    assert f'try prompts: python -m diffusion.app {out}/pipeline' in result.stdout
-    line = next(x for x in result.stdout.splitlines() if x.startswith('in Python: python -c "'))
-    code = line[len('in Python: python -c "'):-1]
     monkeypatch.chdir(tmp_path)
-    exec(code.replace("height=64, width=64)", "height=64, width=64, num_inference_steps=2)"), {})
     from PIL import Image
-    assert Image.open(tmp_path / 'x.png').size == (64, 64)
+    for model, export in exports.items():
+        # The run is named for the data, and samples the held-out captions, not the emoji prompts.
+        config = (out / model / 'checkpoints' / 'config.yaml').read_text()
+        assert f'my_photos-{model}' in config and 'grinning face' not in config
+        results = json.loads((out / model / 'eval' / 'results.json').read_text())
+        assert results['reference']['num_images'] == len(held_out)
+        assert [row['guidance_scale'] for row in results['results']] == [3.0]
+        card = (export / 'README.md').read_text()
+        assert 'CC-BY-4.0: 24' in card and 'Test Photographer: 24' in card and f'--models {model}' in card
+        assert 'Test Photographer' in (export / 'attribution.csv').read_text()
+
+        # The Python line the summary prints opens the export and writes an image, as printed (run in this process).
+        assert f'try prompts: python -m diffusion.app {export}' in result.stdout
+        line = next(x for x in result.stdout.splitlines() if x.startswith('in Python: python -c "') and str(export) in x)
+        code = line[len('in Python: python -c "'):-1]
+        exec(code.replace("height=64, width=64)", "height=64, width=64, num_inference_steps=2)"), {})
+        assert Image.open(tmp_path / 'x.png').size == (64, 64)
+        (tmp_path / 'x.png').unlink()
+    assert 'own-data demo summary' in result.stdout
+    assert json.loads((exports['microdit-flow'] / 'config.json').read_text())['generation']['sampler'] == 'euler'
+
+
+def test_own_data_unet_route_exports_a_diffusers_pipeline(tmp_path, monkeypatch):
+    """``--models unet``: the stages the route builds for the UNet are the demo's (its recipe with a constant lr,
+    DDIM at guidance 3), and its export a diffusers pipeline. Only the conversion runs here (the held-out captions
+    come from it); the commands after it are checked as built: running them is the test above's, for the default
+    model, and the UNet's recipe, evaluation and diffusers export run in tests of their own."""
+    sys.path.insert(0, str(REPO / 'scripts'))
+    import demo
+    from diffusion.demo.own_data import own_data_stages, own_paths
+    folder = photo_folder(tmp_path / 'my_photos')
+    args = demo.parse_args(['--data', str(folder), '--root', str(tmp_path), '--license', 'CC-BY-4.0',
+                            '--models', 'unet', '--unet-steps', '2', '--checkpoints', '1', '--sample-steps', '2',
+                            '--autoencoder-steps', '2'])
+    ran = {}
+
+    def record(name, cmd, done, force, logs):  # runs the conversion only: the training stages are checked as built
+        ran[name] = cmd
+        return demo.step(name, cmd, done, force, logs) if name == 'convert' else 0.0
+    from diffusion.demo import own_data
+    cards = []
+    monkeypatch.setattr(own_data, 'write_own_model_card', lambda folder, *a: cards.append(folder))
+    own_data_stages(args, REPO, sys.executable, record)
+    root = own_paths(args)['root']
+    assert list(ran) == ['convert', 'autoencoder', 'latents', 'unet', 'eval-unet', 'export-unet']
+    assert ran['unet'][2] == 'yamls/demo/unet.yaml' and 'scheduler.alpha_f=1.0' in ran['unet']
+    assert 'run_name=my_photos-unet' in ran['unet'] and f'variables.out={root / "unet"}' in ran['unet']
+    assert {'sampler=ddim', 'guidance_scales=[3.0]', 'num_inference_steps=2'} <= set(ran['eval-unet'])
+    assert ran['export-unet'][1] == 'convert/export_diffusers.py'
+    assert ran['export-unet'][-1] == str(root / 'unet' / 'pipeline')
+    assert cards == [root / 'unet' / 'pipeline']

@@ -7,11 +7,14 @@ catalog (``scripts/demo.py`` runs them; a finished stage is skipped when the dem
                                                   datasets folder -> 64 px MDS, 15 % held out, --license/--creator
  2. autoencoder  run.py yamls/autoencoder-mini.yaml  the project's small VAE, trained on your images
  3. latents      convert/precompute_latents.py   its latents + MiniLM text states, stored once
- 4. unet         run.py yamls/demo/unet.yaml      the mini UNet on those latents; samples the held-out captions
- 5. eval         run_eval.py yamls/eval/tiny-cpu.yaml  FID/KID of its images for the held-out captions against the
-                                                  held-out images themselves
- 6. export       convert/export_diffusers.py     a diffusers pipeline folder + a model card naming the licences and
-                                                  creators given at conversion, with attribution.csv beside it
+ 4. <model>      run.py yamls/demo/<model>.yaml   the demo's model (``--models``; by default microdit-flow, the
+                                                  mini MicroDiT with flow matching) on those latents; samples the
+                                                  held-out captions
+ 5. eval-<model> run_eval.py yamls/eval/tiny-cpu.yaml  FID/KID of its images for the held-out captions against the
+                                                  held-out images themselves, at the demo's sampler and guidance
+ 6. export-<model>  python -m diffusion.export.native (MicroDiT) or convert/export_diffusers.py (unet: a diffusers
+                                                  pipeline), + a model card naming the licences and creators given
+                                                  at conversion, with attribution.csv beside it
 
 Everything goes to outputs/<name>/ and data/<name>/ (under ``--root``, default the repository), ``<name>`` the
 folder's name (``--name`` to choose).
@@ -26,7 +29,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
-# Held-out captions the UNet's sample grid shows during training.
+from diffusion.demo.recipes import DESCRIPTIONS, MODELS, QUICK_OVERRIDES, export_folder, steps_key
+
+# Held-out captions the model's sample grid shows during training.
 SAMPLE_PROMPTS = 4
 
 
@@ -57,19 +62,20 @@ def held_out_captions(mds: Path, limit: int) -> list[str]:
     return captions[:limit]
 
 
-def write_own_model_card(pipeline: Path, mds: Path, name: str, args: argparse.Namespace) -> Path:
-    """``pipeline/README.md``: what was trained on what, the licences and creators of the images (as given at
+def write_own_model_card(folder: Path, mds: Path, name: str, args: argparse.Namespace, model: str) -> Path:
+    """``<export>/README.md``: what was trained on what, the licences and creators of the images (as given at
     conversion, or stated per image), and ``attribution.csv`` (the dataset's own) copied beside it."""
     attribution = mds / 'attribution.csv'
     with open(attribution, encoding='utf-8') as f:
         rows = list(csv.DictReader(f))
-    (pipeline / 'attribution.csv').write_bytes(attribution.read_bytes())
+    (folder / 'attribution.csv').write_bytes(attribution.read_bytes())
     licences = Counter(row['license'] for row in rows).most_common()
     creators = Counter(row['creator'] or '(not given)' for row in rows).most_common()
     lines = [f'# {name}: a small text-to-image model trained on its own images', '',
-             f'A mini CommonCanvas-S UNet (SD2 layout, 9.4M parameters) with the project\'s own small autoencoder and '
-             f'the all-MiniLM-L6-v2 text encoder, trained from scratch by `make demo DEMO_ARGS="--data {args.data}"` '
-             f'on {len(rows)} images ({args.unet_steps} UNet batches, {args.autoencoder_steps} autoencoder batches).',
+             f'{DESCRIPTIONS[model]}, with the project\'s own small autoencoder and the all-MiniLM-L6-v2 text encoder, '
+             f'trained from scratch by `make demo DEMO_ARGS="--data {args.data} --models {model}"` on {len(rows)} '
+             f'images ({getattr(args, steps_key(model))} batches of 16, {args.autoencoder_steps} autoencoder batches). '
+             f'Open it with `python -m diffusion.app {folder}`.',
              '', '## Training data and licences', '', 'Images per licence (train and held-out splits):', '']
     lines += [f'- {licence}: {count}' for licence, count in licences]
     lines += ['', 'Images per creator:', '']
@@ -81,7 +87,7 @@ def write_own_model_card(pipeline: Path, mds: Path, name: str, args: argparse.Na
     if any(licence == 'unknown' for licence, _ in licences):
         lines += ['Some images have no stated licence (`unknown`): convert with `--license` (and `--creator`) or '
                   'state them per image in `x.json` sidecars.', '']
-    card = pipeline / 'README.md'
+    card = folder / 'README.md'
     card.write_text('\n'.join(lines), encoding='utf-8')
     return card
 
@@ -108,25 +114,33 @@ def own_data_stages(args: argparse.Namespace, repo: Path, py: str,
     times['latents'] = step('latents', [
         py, 'convert/precompute_latents.py', '--src', str(mds), '--out', str(latents), '--vae', str(ae / 'vae'),
         '--text-encoder', 'minilm', '--resolutions', '64'], latents / 'latents.json', args.force, logs)
-    unet, every = root / 'unet', max(1, args.unet_steps // args.checkpoints)
     prompts = held_out_captions(mds, SAMPLE_PROMPTS)
-    times['unet'] = step('unet', [
-        py, 'run.py', 'yamls/demo/unet.yaml', f'variables.data={latents}', f'variables.out={unet}',
-        f'variables.autoencoder={ae / "vae"}', f'variables.run_name={name}-unet', f'max_duration={args.unet_steps}ba',
-        f'save_interval={every}ba', f'eval_interval={every}ba', 'scheduler.alpha_f=1.0',
-        f'callbacks.sample_images.prompts={json.dumps(prompts)}',
-        f'callbacks.sample_images.num_inference_steps={args.sample_steps}'],
-        unet / 'checkpoints' / 'summary.json', args.force, logs)
-    evaluation = root / 'eval'
-    times['eval'] = step('eval', [
-        py, 'run_eval.py', 'yamls/eval/tiny-cpu.yaml', f'checkpoint={unet}/checkpoints', f'reference={mds}',
-        'reference_split=eval', f'out_dir={evaluation}', 'guidance_scales=[3.0]',
-        f'num_inference_steps={args.sample_steps}'], evaluation / 'results.json', args.force, logs)
-    pipeline = root / 'pipeline'
-    times['export'] = step('export', [
-        py, 'convert/export_diffusers.py', '--checkpoint', f'{unet}/checkpoints', '--out', str(pipeline)],
-        pipeline / 'model_index.json', args.force, logs)
-    write_own_model_card(pipeline, mds, name, args)
+    for model in args.models:
+        recipe, sampler, guidance = MODELS[model]
+        run, steps = root / model, getattr(args, steps_key(model))
+        every = max(1, steps // args.checkpoints)
+        # A few hundred images and steps: the UNet keeps a constant lr after warm-up, as in the quick demo.
+        times[model] = step(model, [
+            py, 'run.py', recipe, f'variables.data={latents}', f'variables.out={run}',
+            f'variables.autoencoder={ae / "vae"}', f'run_name={name}-{model}', f'max_duration={steps}ba',
+            f'save_interval={every}ba', f'eval_interval={every}ba', *QUICK_OVERRIDES[model],
+            f'callbacks.sample_images.prompts={json.dumps(prompts)}',
+            f'callbacks.sample_images.num_inference_steps={args.sample_steps}'],
+            run / 'checkpoints' / 'summary.json', args.force, logs)
+        evaluation = run / 'eval'
+        times[f'eval-{model}'] = step(f'eval-{model}', [
+            py, 'run_eval.py', 'yamls/eval/tiny-cpu.yaml', f'checkpoint={run}/checkpoints', f'reference={mds}',
+            'reference_split=eval', f'out_dir={evaluation}', f'sampler={sampler}', f'guidance_scales=[{guidance}]',
+            f'num_inference_steps={args.sample_steps}'], evaluation / 'results.json', args.force, logs)
+        folder = export_folder(root, model)
+        if model == 'unet':  # a diffusers StableDiffusionPipeline
+            cmd, done = [py, 'convert/export_diffusers.py'], folder / 'model_index.json'
+        else:  # the native export, its generation defaults the evaluated settings
+            cmd, done = [py, '-m', 'diffusion.export.native', '--sampler', sampler, '--steps', str(args.sample_steps),
+                         '--guidance', str(guidance)], folder / 'config.json'
+        times[f'export-{model}'] = step(f'export-{model}', [
+            *cmd, '--checkpoint', f'{run}/checkpoints', '--out', str(folder)], done, args.force, logs)
+        write_own_model_card(folder, mds, name, args, model)
     return times
 
 
@@ -138,14 +152,24 @@ def own_data_summary(args: argparse.Namespace, repo: Path, times: dict[str, floa
     print('\n================ own-data demo summary ================')
     print(f'total time: {total:.0f} s (per stage, s: {json.dumps({k: round(v) for k, v in times.items()})})')
     print(f'data: {mds} (kept {report["kept"]}, splits {report["splits"]}, skipped {report["skipped"]})')
-    results = json.loads((root / 'eval' / 'results.json').read_text())
-    for row in results.get('results', []):
-        scores = ', '.join(f'{k} {row[k]:.4g}' for k in ('fid', 'kid_mean') if isinstance(row.get(k), (int, float)))
-        print(f'held-out evaluation at guidance {row.get("guidance_scale")}: {scores} '
-              f'({results["reference"]["num_images"]} held-out images: with a handful the scores only check the machinery)')
-    print(f'samples: {root}/unet/samples; model: {root}/pipeline (README.md: licences, attribution.csv)')
     prompt = (held_out_captions(mds, 1) or ['a photo'])[0].replace("'", '').replace('"', '')  # quoted below
-    print(f'try prompts: python -m diffusion.app {root}/pipeline')
-    print(f'in Python: python -c "from diffusion.export.to_diffusers import load_pipeline; '
-          f'p = load_pipeline(\'{root}/pipeline\'); '
-          f'p(\'{prompt}\', height=64, width=64).images[0].save(\'x.png\')"')
+    for model in args.models:
+        results = json.loads((root / model / 'eval' / 'results.json').read_text())
+        for row in results.get('results', []):
+            scores = ', '.join(f'{k} {row[k]:.4g}' for k in ('fid', 'kid_mean')
+                               if isinstance(row.get(k), (int, float)))
+            print(f'{model}: held-out evaluation at guidance {row.get("guidance_scale")}: {scores} '
+                  f'({results["reference"]["num_images"]} held-out images: with a handful the scores only check the '
+                  'machinery)')
+        folder = export_folder(root, model)
+        print(f'{model}: samples {root / model}/samples; model {folder} (README.md: licences, attribution.csv)')
+        print(f'try prompts: python -m diffusion.app {folder}')
+        if model == 'unet':
+            code = (f'from diffusion.export.to_diffusers import load_pipeline; p = load_pipeline(\'{folder}\'); '
+                    f'p(\'{prompt}\', height=64, width=64).images[0].save(\'x.png\')')
+        else:
+            _, sampler, guidance = MODELS[model]
+            code = (f'from diffusion.export.native import load_native; m = load_native(\'{folder}\'); '
+                    f'm.generate([\'{prompt}\'], sampler=\'{sampler}\', num_inference_steps={args.sample_steps}, '
+                    f'guidance_scale={guidance}, output_type=\'pil\')[0].save(\'x.png\')')
+        print(f'in Python: python -c "{code}"')
