@@ -21,9 +21,10 @@ Arms (the demo's two recipes, yamls/demo/unet.yaml and yamls/demo/microdit.yaml,
 
 Equal compute is measured, not typed in:
 
-1. **Calibration.** In this process each arm's model, optimizer and a real training batch are built from its
-   config (as ``run.py`` builds them) and training steps (forward, loss, backward, clipping, optimizer step) are
-   timed in interleaved rounds (order reversed every round) as CPU time of this process (``time.process_time``)
+1. **Calibration.** In one child process (whose memory, every arm's model at once, goes back when it ends) each
+   arm's model, optimizer and a real training batch are built from its config (as ``run.py`` builds them) and
+   training steps (forward, loss, backward, clipping, optimizer step) are timed in interleaved rounds (order
+   reversed every round) as CPU time of that process (``time.process_time``)
    with ``--threads`` threads; medians are kept (``<out>/calibration.json``, reused by later invocations;
    ``--calibration`` takes them from an earlier study instead, ``--import-runs`` its finished runs too).
 2. **Budget -> steps.** A budget of B CPU seconds is ``B / t_step`` steps; the masked arm spends
@@ -212,6 +213,15 @@ def calibrate(args: argparse.Namespace, data: Path, vae: Path, arms: list[str]) 
                 step(name)
                 samples[name].append(time.process_time() - t0)
     return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def calibrate_apart(args: argparse.Namespace, data: Path, vae: Path, arms: list[str]) -> dict[str, float]:
+    """:func:`calibrate` in a spawned child process: the models it builds (several GB for all arms) leave with it
+    instead of staying in this process's heap while the runs train and the scoring loads Inception."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn')) as pool:  # a failed child raises
+        return pool.submit(calibrate, args, data, vae, arms).result()
 
 
 def budget_steps(arm: str, budget: float, share: float, times: dict[str, float]) -> dict[str, int]:
@@ -426,7 +436,7 @@ def main(argv: Any = None) -> int:
         log.info('imported %d run(s) of %s', import_runs(args, Path(args.import_runs)), args.import_runs)
     missing = [a for a in args.arms if a not in times]
     if missing and not args.report:
-        times.update(calibrate(args, data, vae, missing))
+        times.update(calibrate_apart(args, data, vae, missing))
         calib_file.write_text(json.dumps(times, indent=1) + '\n')
         log.info('calibrated CPU s per step: %s', {k: round(v, 4) for k, v in times.items()})
     scorer: list[Optional[Scorer]] = [None]

@@ -1,6 +1,7 @@
 """The equal-compute study's arms (scripts/equal_compute.py): each is its demo recipe with one stated change, a
 config run.py accepts, and the budget becomes steps at the calibrated step times."""
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,15 @@ def test_a_later_budget_reuses_an_earlier_studys_step_times(study, tmp_path):
     assert result['summary']['360'] == record['summary']['360']
     args = study.parse_args(['--out', str(tmp_path / 'out')])
     assert study.import_runs(args, earlier) == 0  # already there: nothing is overwritten
+
+
+def test_calibration_runs_in_a_child_process_whose_failure_reaches_the_caller(study, tmp_path, monkeypatch):
+    """The calibration's models live in a spawned child (its memory goes back when it ends); an error there is
+    raised here, not a pool left waiting."""
+    # The child imports the study by name, as it does the script's __main__ when run: here under its own name.
+    monkeypatch.syspath_prepend(str(REPO / 'scripts'))
+    monkeypatch.setitem(sys.modules, 'equal_compute', study)
+    args = study.parse_args(['--out', str(tmp_path / 'out')])
+    with pytest.raises(Exception) as error:
+        study.calibrate_apart(args, tmp_path / 'no-latents', tmp_path / 'no-vae', ['microdit-flow'])
+    assert 'no-vae' in str(error.value) or 'no-latents' in str(error.value), repr(error.value)
