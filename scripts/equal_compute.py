@@ -172,15 +172,15 @@ def run_overrides(data: Path, vae: Path, folder: Path, arm: str, seed: int, tota
 def calibrate(args: argparse.Namespace, data: Path, vae: Path, arms: list[str]) -> dict[str, float]:
     """Median CPU seconds per training step of each arm (the masked arm at 0.75 as ``<arm>``, at 0 as
     ``<arm>:finetune``)."""
+    from diffusion.config import load_config
+    configs = {arm: load_config(base=arm_config(arm, args), overrides=run_overrides(
+        data, vae, Path(args.out) / 'calib', arm, 0, 1)) for arm in arms}  # a bad one fails before any model is built
     import torch
 
     from diffusion.builders import build_components
-    from diffusion.config import load_config
     torch.set_num_threads(args.threads)
     setups = {}
-    for arm in arms:
-        cfg = load_config(base=arm_config(arm, args), overrides=run_overrides(data, vae, Path(args.out) / 'calib', arm,
-                                                                                0, 1))
+    for arm, cfg in configs.items():
         torch.manual_seed(0)
         parts = build_components(cfg, cfg.global_train_batch_size)
         loader = parts['train_dataloader']
