@@ -49,7 +49,7 @@ PY = sys.executable
 # through the autoencoder (its FID and probe: what a perfect latent generator would reach), `sweep_images` N > 0
 # adds a guidance sweep on N captions; both are off by default (the report does not need them).
 PROFILES = {
-    'full': {'autoencoder_steps': 500, 'microdit_flow_steps': 1200, 'unet_steps': 1400, 'microdit_steps': 1200,
+    'full': {'autoencoder_steps': 400, 'microdit_flow_steps': 1080, 'unet_steps': 1400, 'microdit_steps': 1200,
              'checkpoints': 6, 'eval_images': 0, 'probe_train': 300, 'ceiling': 0, 'sweep_images': 0,
              'sample_steps': 10},
     'quick': {'autoencoder_steps': 160, 'microdit_flow_steps': 320, 'unet_steps': 440, 'microdit_steps': 440,
