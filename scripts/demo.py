@@ -52,7 +52,7 @@ PROFILES = {
     'full': {'autoencoder_steps': 400, 'microdit_flow_steps': 1080, 'unet_steps': 1400, 'microdit_steps': 1200,
              'checkpoints': 6, 'eval_images': 0, 'probe_train': 300, 'ceiling': 0, 'sweep_images': 0,
              'sample_steps': 10},
-    'quick': {'autoencoder_steps': 160, 'microdit_flow_steps': 320, 'unet_steps': 440, 'microdit_steps': 440,
+    'quick': {'autoencoder_steps': 120, 'microdit_flow_steps': 240, 'unet_steps': 440, 'microdit_steps': 440,
               'checkpoints': 4, 'eval_images': 128, 'probe_train': 150, 'ceiling': 0, 'sweep_images': 0,
               'sample_steps': 10},
 }
