@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 from diffusion.demo.recipes import (DEFAULT_MODELS, DESCRIPTIONS, MODELS, QUICK_OVERRIDES,
-                                    export_folder, steps_key)
+                                    export_folder, redo, steps_key)
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -139,7 +139,7 @@ def train_stages(args: argparse.Namespace, paths: dict[str, Path], times: dict[s
         f'save_folder={ae}/checkpoints', f'callbacks.reconstructions.folder={ae}/reconstructions',
         f'callbacks.export_autoencoder.folder={ae}/vae',
         # a short run gains more from reconstruction steps than from the adversarial term: it stays off
-        f'model.disc_start={args.autoencoder_steps + 1}'],
+        f'model.disc_start={args.autoencoder_steps + 1}', *redo(args)],
         ae / 'vae' / 'config.json', args.force, logs)
     times['latents'] = step('latents', [
         PY, 'convert/precompute_latents.py', '--src', str(source), '--out', str(paths['latents']), '--vae',
@@ -151,7 +151,8 @@ def train_stages(args: argparse.Namespace, paths: dict[str, Path], times: dict[s
         times[name] = step(name, [
             PY, 'run.py', yaml, f'variables.data={paths["latents"]}', f'variables.out={root / name}',
             f'variables.autoencoder={ae / "vae"}', f'max_duration={steps}ba',
-            f'save_interval={every}ba', f'eval_interval={every}ba', *(QUICK_OVERRIDES[name] if args.quick else [])],
+            f'save_interval={every}ba', f'eval_interval={every}ba', *(QUICK_OVERRIDES[name] if args.quick else []),
+            *redo(args)],
             root / name / 'checkpoints' / 'summary.json', args.force, logs)
     return source
 

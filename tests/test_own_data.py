@@ -107,3 +107,9 @@ def test_own_data_unet_route_exports_a_diffusers_pipeline(tmp_path, monkeypatch)
     assert ran['export-unet'][1] == 'convert/export_diffusers.py'
     assert ran['export-unet'][-1] == str(root / 'unet' / 'pipeline')
     assert cards == [root / 'unet' / 'pipeline']
+    assert 'save_overwrite=true' not in ran['unet'] + ran['autoencoder']
+    # --force redoes the stages: the training runs replace what their folders hold (another profile's run included).
+    ran.clear()
+    args.force = True
+    own_data_stages(args, REPO, sys.executable, record)
+    assert 'save_overwrite=true' in ran['unet'] and 'save_overwrite=true' in ran['autoencoder']

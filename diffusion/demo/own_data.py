@@ -29,7 +29,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
-from diffusion.demo.recipes import DESCRIPTIONS, MODELS, QUICK_OVERRIDES, export_folder, steps_key
+from diffusion.demo.recipes import DESCRIPTIONS, MODELS, QUICK_OVERRIDES, export_folder, redo, steps_key
 
 # Held-out captions the model's sample grid shows during training.
 SAMPLE_PROMPTS = 4
@@ -109,7 +109,8 @@ def own_data_stages(args: argparse.Namespace, repo: Path, py: str,
         py, 'run.py', 'yamls/autoencoder-mini.yaml', f'variables.data={mds}', f'variables.run_name={name}-autoencoder',
         f'max_duration={args.autoencoder_steps}ba', f'eval_interval={max(1, args.autoencoder_steps // 2)}ba',
         f'save_folder={ae}/checkpoints', f'callbacks.reconstructions.folder={ae}/reconstructions',
-        f'callbacks.export_autoencoder.folder={ae}/vae', f'model.disc_start={args.autoencoder_steps + 1}'],
+        f'callbacks.export_autoencoder.folder={ae}/vae', f'model.disc_start={args.autoencoder_steps + 1}',
+        *redo(args)],
         ae / 'vae' / 'config.json', args.force, logs)
     times['latents'] = step('latents', [
         py, 'convert/precompute_latents.py', '--src', str(mds), '--out', str(latents), '--vae', str(ae / 'vae'),
@@ -125,7 +126,7 @@ def own_data_stages(args: argparse.Namespace, repo: Path, py: str,
             f'variables.autoencoder={ae / "vae"}', f'run_name={name}-{model}', f'max_duration={steps}ba',
             f'save_interval={every}ba', f'eval_interval={every}ba', *QUICK_OVERRIDES[model],
             f'callbacks.sample_images.prompts={json.dumps(prompts)}',
-            f'callbacks.sample_images.num_inference_steps={args.sample_steps}'],
+            f'callbacks.sample_images.num_inference_steps={args.sample_steps}', *redo(args)],
             run / 'checkpoints' / 'summary.json', args.force, logs)
         evaluation = run / 'eval'
         times[f'eval-{model}'] = step(f'eval-{model}', [
