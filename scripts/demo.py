@@ -33,13 +33,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from diffusion.demo.recipes import (DEFAULT_MODELS, DESCRIPTIONS, MODELS, QUICK_OVERRIDES,
-                                    export_folder, redo, steps_key)
+                                    export_folder, steps_key)
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -56,11 +57,16 @@ PROFILES = {
               'checkpoints': 4, 'eval_images': 128, 'probe_train': 150, 'ceiling': 0, 'sweep_images': 0,
               'sample_steps': 10},
 }
-def step(name: str, cmd: list[str], done: Path, force: bool, log_dir: Path) -> float:
-    """Run one stage unless its output exists; its output goes to the console and to a log file."""
+def step(name: str, cmd: list[str], done: Path, force: bool, log_dir: Path, clear: Path | None = None) -> float:
+    """Run one stage unless its output exists; its output goes to the console and to a log file. ``force`` runs it
+    again and first removes ``clear``, the folder the stage writes (so nothing of an earlier run, e.g. one of
+    another profile, is resumed or mixed in: a converter would resume, a training run would keep its later
+    checkpoints)."""
     if done.exists() and not force:
         print(f'== {name}: already done ({os.path.relpath(done, REPO)}), skipped', flush=True)
         return 0.0
+    if force and clear is not None and clear.exists():
+        shutil.rmtree(clear)
     print(f'== {name}: {" ".join(cmd)}', flush=True)
     log_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -120,13 +126,13 @@ def train_stages(args: argparse.Namespace, paths: dict[str, Path], times: dict[s
     times['catalog'] = step('catalog', [
         PY, 'convert/commoncatalog_mini.py', '--out', str(catalog), '--sources', 'twemoji', '--license-set',
         'commercial', '--size', '64', '--eval-fraction', '0.15', '--workers', '2'], catalog / 'report.json',
-        args.force, logs)
+        args.force, logs, catalog)
     source = catalog
     if args.captioner:
         captioned = catalog.with_name('catalog-captioned')
         times['captions'] = step('captions', [
             PY, 'convert/caption.py', '--src', str(catalog), '--out', str(captioned), '--model', args.captioner,
-            '--only-weak'], captioned / 'eval' / 'index.json', args.force, logs)
+            '--only-weak'], captioned / 'eval' / 'index.json', args.force, logs, captioned)
         source = captioned
     else:
         print('== captions: skipped. Telephoning needs a pretrained captioner (CommonCanvas used '
@@ -139,21 +145,21 @@ def train_stages(args: argparse.Namespace, paths: dict[str, Path], times: dict[s
         f'save_folder={ae}/checkpoints', f'callbacks.reconstructions.folder={ae}/reconstructions',
         f'callbacks.export_autoencoder.folder={ae}/vae',
         # a short run gains more from reconstruction steps than from the adversarial term: it stays off
-        f'model.disc_start={args.autoencoder_steps + 1}', *redo(args)],
-        ae / 'vae' / 'config.json', args.force, logs)
+        f'model.disc_start={args.autoencoder_steps + 1}'],
+        ae / 'vae' / 'config.json', args.force, logs, ae)
     times['latents'] = step('latents', [
         PY, 'convert/precompute_latents.py', '--src', str(source), '--out', str(paths['latents']), '--vae',
         str(ae / 'vae'), '--text-encoder', 'minilm', '--resolutions', '64'],
-        paths['latents'] / 'latents.json', args.force, logs)  # written last: an interrupted run is redone
+        paths['latents'] / 'latents.json', args.force, logs,  # written last: an interrupted run is redone
+        paths['latents'])
     for name in args.models:
         yaml, steps = MODELS[name][0], getattr(args, steps_key(name))
         every = max(1, steps // args.checkpoints)
         times[name] = step(name, [
             PY, 'run.py', yaml, f'variables.data={paths["latents"]}', f'variables.out={root / name}',
             f'variables.autoencoder={ae / "vae"}', f'max_duration={steps}ba',
-            f'save_interval={every}ba', f'eval_interval={every}ba', *(QUICK_OVERRIDES[name] if args.quick else []),
-            *redo(args)],
-            root / name / 'checkpoints' / 'summary.json', args.force, logs)
+            f'save_interval={every}ba', f'eval_interval={every}ba', *(QUICK_OVERRIDES[name] if args.quick else [])],
+            root / name / 'checkpoints' / 'summary.json', args.force, logs, root / name)
     return source
 
 
@@ -170,7 +176,8 @@ def eval_stages(args: argparse.Namespace, paths: dict[str, Path], times: dict[st
             cmd += ['--num-reference', str(args.eval_images)]
         if not args.ceiling:
             cmd += ['--no-ceiling']
-        times[f'eval-{name}'] = step(f'eval-{name}', cmd, root / name / 'eval' / 'metrics.json', args.force, logs)
+        times[f'eval-{name}'] = step(f'eval-{name}', cmd, root / name / 'eval' / 'metrics.json', args.force, logs,
+                                     root / name / 'eval')
     from diffusion.demo.report import licence_counts, write_model_card
     attribution = paths['catalog'] / 'attribution.csv'
     for name in args.models:
@@ -182,7 +189,7 @@ def eval_stages(args: argparse.Namespace, paths: dict[str, Path], times: dict[st
             cmd, done = [PY, '-m', 'diffusion.export.native', '--sampler', scored['sampler'], '--steps',
                          str(scored['steps']), '--guidance', str(scored['guidance_scale'])], folder / 'config.json'
         times[f'export-{name}'] = step(f'export-{name}', [
-            *cmd, '--checkpoint', f'{root}/{name}/checkpoints', '--out', str(folder)], done, args.force, logs)
+            *cmd, '--checkpoint', f'{root}/{name}/checkpoints', '--out', str(folder)], done, args.force, logs, folder)
         write_model_card(folder, attribution, licence_counts(attribution),
                          f'{DESCRIPTIONS[name]} from scratch on a CPU by `make demo` on 64 px Twemoji, with the '
                          "project's own small autoencoder and the all-MiniLM-L6-v2 text encoder. Open it with "

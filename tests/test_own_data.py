@@ -92,9 +92,11 @@ def test_own_data_unet_route_exports_a_diffusers_pipeline(tmp_path, monkeypatch)
                             '--autoencoder-steps', '2'])
     ran = {}
 
-    def record(name, cmd, done, force, logs):  # runs the conversion only: the training stages are checked as built
-        ran[name] = cmd
-        return demo.step(name, cmd, done, force, logs) if name == 'convert' else 0.0
+    clears = {}
+
+    def record(name, cmd, done, force, logs, clear=None):  # runs the conversion only: the rest is checked as built
+        ran[name], clears[name] = cmd, clear
+        return demo.step(name, cmd, done, force, logs, clear) if name == 'convert' else 0.0
     from diffusion.demo import own_data
     cards = []
     monkeypatch.setattr(own_data, 'write_own_model_card', lambda folder, *a: cards.append(folder))
@@ -107,9 +109,13 @@ def test_own_data_unet_route_exports_a_diffusers_pipeline(tmp_path, monkeypatch)
     assert ran['export-unet'][1] == 'convert/export_diffusers.py'
     assert ran['export-unet'][-1] == str(root / 'unet' / 'pipeline')
     assert cards == [root / 'unet' / 'pipeline']
-    assert 'save_overwrite=true' not in ran['unet'] + ran['autoencoder']
-    # --force redoes the stages: the training runs replace what their folders hold (another profile's run included).
-    ran.clear()
+    # --force redoes every stage from an empty folder (nothing of an earlier run, e.g. another profile's later
+    # checkpoints, is resumed or scored): the conversion here really starts again.
+    mds = own_paths(args)['mds']
+    (mds / 'stale.txt').write_text('from an earlier run')
     args.force = True
     own_data_stages(args, REPO, sys.executable, record)
-    assert 'save_overwrite=true' in ran['unet'] and 'save_overwrite=true' in ran['autoencoder']
+    assert not (mds / 'stale.txt').exists() and (mds / 'report.json').exists()
+    assert clears == {'convert': mds, 'autoencoder': root / 'autoencoder', 'latents': own_paths(args)['latents'],
+                      'unet': root / 'unet', 'eval-unet': root / 'unet' / 'eval',
+                      'export-unet': root / 'unet' / 'pipeline'}

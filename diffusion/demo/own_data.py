@@ -29,7 +29,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
-from diffusion.demo.recipes import DESCRIPTIONS, MODELS, QUICK_OVERRIDES, export_folder, redo, steps_key
+from diffusion.demo.recipes import DESCRIPTIONS, MODELS, QUICK_OVERRIDES, export_folder, steps_key
 
 # Held-out captions the model's sample grid shows during training.
 SAMPLE_PROMPTS = 4
@@ -93,7 +93,7 @@ def write_own_model_card(folder: Path, mds: Path, name: str, args: argparse.Name
 
 
 def own_data_stages(args: argparse.Namespace, repo: Path, py: str,
-                    step: Callable[[str, list[str], Path, bool, Path], float]) -> dict[str, float]:
+                    step: Callable[..., float]) -> dict[str, float]:
     """Run the own-data route; returns the seconds per stage (0 for a stage done earlier)."""
     paths = own_paths(args)
     name, mds, latents, root, logs = (str(paths['name']), paths['mds'], paths['latents'], paths['root'],
@@ -103,18 +103,17 @@ def own_data_stages(args: argparse.Namespace, repo: Path, py: str,
                '--size', '64', '--min-size', '32', '--eval-fraction', '0.15', '--workers', '2']
     convert += ['--license', args.license] if args.license else []
     convert += ['--creator', args.creator] if args.creator else []
-    times['convert'] = step('convert', convert, mds / 'report.json', args.force, logs)
+    times['convert'] = step('convert', convert, mds / 'report.json', args.force, logs, mds)
     ae = root / 'autoencoder'
     times['autoencoder'] = step('autoencoder', [
         py, 'run.py', 'yamls/autoencoder-mini.yaml', f'variables.data={mds}', f'variables.run_name={name}-autoencoder',
         f'max_duration={args.autoencoder_steps}ba', f'eval_interval={max(1, args.autoencoder_steps // 2)}ba',
         f'save_folder={ae}/checkpoints', f'callbacks.reconstructions.folder={ae}/reconstructions',
-        f'callbacks.export_autoencoder.folder={ae}/vae', f'model.disc_start={args.autoencoder_steps + 1}',
-        *redo(args)],
-        ae / 'vae' / 'config.json', args.force, logs)
+        f'callbacks.export_autoencoder.folder={ae}/vae', f'model.disc_start={args.autoencoder_steps + 1}'],
+        ae / 'vae' / 'config.json', args.force, logs, ae)
     times['latents'] = step('latents', [
         py, 'convert/precompute_latents.py', '--src', str(mds), '--out', str(latents), '--vae', str(ae / 'vae'),
-        '--text-encoder', 'minilm', '--resolutions', '64'], latents / 'latents.json', args.force, logs)
+        '--text-encoder', 'minilm', '--resolutions', '64'], latents / 'latents.json', args.force, logs, latents)
     prompts = held_out_captions(mds, SAMPLE_PROMPTS)
     for model in args.models:
         recipe, sampler, guidance = MODELS[model]
@@ -126,13 +125,13 @@ def own_data_stages(args: argparse.Namespace, repo: Path, py: str,
             f'variables.autoencoder={ae / "vae"}', f'run_name={name}-{model}', f'max_duration={steps}ba',
             f'save_interval={every}ba', f'eval_interval={every}ba', *QUICK_OVERRIDES[model],
             f'callbacks.sample_images.prompts={json.dumps(prompts)}',
-            f'callbacks.sample_images.num_inference_steps={args.sample_steps}', *redo(args)],
-            run / 'checkpoints' / 'summary.json', args.force, logs)
+            f'callbacks.sample_images.num_inference_steps={args.sample_steps}'],
+            run / 'checkpoints' / 'summary.json', args.force, logs, run)
         evaluation = run / 'eval'
         times[f'eval-{model}'] = step(f'eval-{model}', [
             py, 'run_eval.py', 'yamls/eval/tiny-cpu.yaml', f'checkpoint={run}/checkpoints', f'reference={mds}',
             'reference_split=eval', f'out_dir={evaluation}', f'sampler={sampler}', f'guidance_scales=[{guidance}]',
-            f'num_inference_steps={args.sample_steps}'], evaluation / 'results.json', args.force, logs)
+            f'num_inference_steps={args.sample_steps}'], evaluation / 'results.json', args.force, logs, evaluation)
         folder = export_folder(root, model)
         if model == 'unet':  # a diffusers StableDiffusionPipeline
             cmd, done = [py, 'convert/export_diffusers.py'], folder / 'model_index.json'
@@ -140,7 +139,7 @@ def own_data_stages(args: argparse.Namespace, repo: Path, py: str,
             cmd, done = [py, '-m', 'diffusion.export.native', '--sampler', sampler, '--steps', str(args.sample_steps),
                          '--guidance', str(guidance)], folder / 'config.json'
         times[f'export-{model}'] = step(f'export-{model}', [
-            *cmd, '--checkpoint', f'{run}/checkpoints', '--out', str(folder)], done, args.force, logs)
+            *cmd, '--checkpoint', f'{run}/checkpoints', '--out', str(folder)], done, args.force, logs, folder)
         write_own_model_card(folder, mds, name, args, model)
     return times
 

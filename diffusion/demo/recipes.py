@@ -3,7 +3,6 @@ one's recipe, the sampler and guidance it is scored and exported with, its descr
 where its export goes."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 # Config overrides of the quick variant's training runs. 440 UNet steps are too few for the full recipe's cosine
@@ -34,8 +33,3 @@ def export_folder(root: Path, name: str) -> Path:
     has no pipeline that runs it)."""
     return root / name / ('pipeline' if name == 'unet' else 'export')
 
-
-def redo(args: argparse.Namespace) -> list[str]:
-    """The training stages' extra override under ``--force``: ``save_overwrite=true`` replaces the earlier run in the
-    stage's folder (without it run.py refuses a folder whose run had other settings, e.g. another profile's steps)."""
-    return ['save_overwrite=true'] if args.force else []
