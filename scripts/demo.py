@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 from diffusion.demo.recipes import (DEFAULT_MODELS, DESCRIPTIONS, MODELS, QUICK_OVERRIDES,
-                                    export_folder, steps_key)
+                                    export_command, export_folder, steps_key)
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -182,14 +182,11 @@ def eval_stages(args: argparse.Namespace, paths: dict[str, Path], times: dict[st
     attribution = paths['catalog'] / 'attribution.csv'
     for name in args.models:
         folder = export_folder(root, name)
-        if name == 'unet':  # the diffusers StableDiffusionPipeline takes a UNet backbone
-            cmd, done = [PY, 'convert/export_diffusers.py'], folder / 'model_index.json'
-        else:  # its generation defaults: the settings its evaluation scored (its page opens at them)
-            scored = _read_json(root / name / 'eval' / 'metrics.json')['settings']
-            cmd, done = [PY, '-m', 'diffusion.export.native', '--sampler', scored['sampler'], '--steps',
-                         str(scored['steps']), '--guidance', str(scored['guidance_scale'])], folder / 'config.json'
+        scored = _read_json(root / name / 'eval' / 'metrics.json')['settings']  # its page opens at them
+        cmd, done = export_command(PY, name, scored['sampler'], scored['steps'], scored['guidance_scale'])
         times[f'export-{name}'] = step(f'export-{name}', [
-            *cmd, '--checkpoint', f'{root}/{name}/checkpoints', '--out', str(folder)], done, args.force, logs, folder)
+            *cmd, '--checkpoint', f'{root}/{name}/checkpoints', '--out', str(folder)], folder / done, args.force, logs,
+            folder)
         write_model_card(folder, attribution, licence_counts(attribution),
                          f'{DESCRIPTIONS[name]} from scratch on a CPU by `make demo` on 64 px Twemoji, with the '
                          "project's own small autoencoder and the all-MiniLM-L6-v2 text encoder. Open it with "

@@ -29,7 +29,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
-from diffusion.demo.recipes import DESCRIPTIONS, MODELS, QUICK_OVERRIDES, export_folder, steps_key
+from diffusion.demo.recipes import DESCRIPTIONS, MODELS, QUICK_OVERRIDES, export_command, export_folder, steps_key
 
 # Held-out captions the model's sample grid shows during training.
 SAMPLE_PROMPTS = 4
@@ -133,13 +133,9 @@ def own_data_stages(args: argparse.Namespace, repo: Path, py: str,
             'reference_split=eval', f'out_dir={evaluation}', f'sampler={sampler}', f'guidance_scales=[{guidance}]',
             f'num_inference_steps={args.sample_steps}'], evaluation / 'results.json', args.force, logs, evaluation)
         folder = export_folder(root, model)
-        if model == 'unet':  # a diffusers StableDiffusionPipeline
-            cmd, done = [py, 'convert/export_diffusers.py'], folder / 'model_index.json'
-        else:  # the native export, its generation defaults the evaluated settings
-            cmd, done = [py, '-m', 'diffusion.export.native', '--sampler', sampler, '--steps', str(args.sample_steps),
-                         '--guidance', str(guidance)], folder / 'config.json'
+        cmd, done = export_command(py, model, sampler, args.sample_steps, guidance)
         times[f'export-{model}'] = step(f'export-{model}', [
-            *cmd, '--checkpoint', f'{run}/checkpoints', '--out', str(folder)], done, args.force, logs, folder)
+            *cmd, '--checkpoint', f'{run}/checkpoints', '--out', str(folder)], folder / done, args.force, logs, folder)
         write_own_model_card(folder, mds, name, args, model)
     return times
 

@@ -33,3 +33,12 @@ def export_folder(root: Path, name: str) -> Path:
     has no pipeline that runs it)."""
     return root / name / ('pipeline' if name == 'unet' else 'export')
 
+
+def export_command(py: str, name: str, sampler: str, steps: int, guidance: float) -> tuple[list[str], str]:
+    """The command that exports a model (without ``--checkpoint``/``--out``) and the file that marks it done: a
+    diffusers pipeline for the UNet; for MicroDiT the native export, whose generation defaults are the settings the
+    model was evaluated at."""
+    if name == 'unet':  # diffusers' StableDiffusionPipeline takes a UNet backbone
+        return [py, 'convert/export_diffusers.py'], 'model_index.json'
+    return [py, '-m', 'diffusion.export.native', '--sampler', sampler, '--steps', str(steps), '--guidance',
+            str(guidance)], 'config.json'
