@@ -99,7 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--force', action='store_true', help='redo every stage')
     own = parser.add_argument_group('your own images (instead of the emoji catalog)')
     own.add_argument('--data', default=None, help='folder of captioned images (x.jpg + x.txt), manifest, tar shards '
-                     'or Hugging Face datasets folder: runs convert, autoencoder, latents, the --models, eval, export on it')
+                     'or Hugging Face datasets folder: runs convert, autoencoder, latents, the --models, eval, export '
+                     'on it')
     own.add_argument('--root', type=Path, default=REPO, help='folder of its data/ and outputs/ (default: the repo)')
     own.add_argument('--name', default=None, help='name of its data/<name>/ and outputs/<name>/ (default: folder name)')
     own.add_argument('--license', default=None, help='licence of your images (e.g. CC-BY-4.0), for the model card')

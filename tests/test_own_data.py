@@ -69,7 +69,8 @@ def test_own_folder_trains_evaluates_and_exports(tmp_path, monkeypatch):
 
         # The Python line the summary prints opens the export and writes an image, as printed (run in this process).
         assert f'try prompts: python -m diffusion.app {export}' in result.stdout
-        line = next(x for x in result.stdout.splitlines() if x.startswith('in Python: python -c "') and str(export) in x)
+        line = next(x for x in result.stdout.splitlines()
+                    if x.startswith('in Python: python -c "') and str(export) in x)
         code = line[len('in Python: python -c "'):-1]
         exec(code.replace("height=64, width=64)", "height=64, width=64, num_inference_steps=2)"), {})
         assert Image.open(tmp_path / 'x.png').size == (64, 64)
